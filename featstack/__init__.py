@@ -1,0 +1,31 @@
+"""featstack: embeddings from several vision backbones, cached once, many CPU classifiers.
+
+The top-level names are imported lazily so that the CPU side (``open_cache``, heads, bench)
+never pulls in torch.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "open_cache": ("featstack.cache", "open_cache"),
+    "Cache": ("featstack.cache", "Cache"),
+    "SampleTable": ("featstack.cache", "SampleTable"),
+    "open_source": ("featstack.data", "open_source"),
+    "extract_features": ("featstack.extract", "extract"),
+    "create_head": ("featstack.heads", "create_head"),
+    "list_heads": ("featstack.heads", "list_heads"),
+    "load_model": ("featstack.models", "load_model"),
+    "run_bench": ("featstack.bench", "run_bench"),
+    "load_network": ("featstack.export", "load_network"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'featstack' has no attribute {name!r}")

@@ -1,0 +1,41 @@
+"""`featstack info CACHE [--json]`: what a cache holds."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("info", help="show what a cache file holds",
+                       description="Samples, classes, splits, backbones and errors of a cache.")
+    p.add_argument("cache", help="path of the cache index file (e.g. cache/x.h5)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return p
+
+
+def run(args) -> int:
+    from ..cache import open_cache
+
+    s = open_cache(args.cache).summary()
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"cache        {s['path']}  (format {s['format_version']}, featstack {s['featstack_version']})")
+    print(f"dataset      {s['n_samples']} samples, {s['n_labelled']} labelled, fingerprint "
+          f"{s['dataset_fingerprint'][:12]}")
+    print("splits       " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
+    shown = ", ".join(f"{c} ({n})" for c, n in list(s["class_counts"].items())[:20])
+    more = f", ... {len(s['classes']) - 20} more" if len(s["classes"]) > 20 else ""
+    print(f"classes      {len(s['classes'])}: {shown}{more}")
+    print(f"errors       {s['n_errors']}")
+    for e in s["errors"][:5]:
+        print(f"  row {e['row']} {e['id']}: {e['message']}")
+    print("backbones")
+    if not s["backbones"]:
+        print("  (none)")
+    for b in s["backbones"]:
+        state = "complete" if b["complete"] else f"INCOMPLETE, missing rows {b['missing']}"
+        print(f"  {b['key']:<28} dim {b['dim']:<5} {b['dtype']:<8} weights {b['weights']} "
+              f"(sha256 {str(b['weights_sha256'])[:12]})  fingerprint {str(b['fingerprint'])[:12]}  "
+              f"{state}")
+    return 0

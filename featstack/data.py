@@ -1,0 +1,299 @@
+"""Data sources: where images come from, and how each one is decoded into an RGB array.
+
+A source fixes the sample table (ids, labels, splits, class names) before any image is read, so
+the cache can be laid out, fingerprinted and resumed; decoding happens later, one row at a time,
+inside DataLoader workers. Sources are therefore small and picklable: paths, not pixels.
+
+Kinds:
+  * image folder: ``root/<class>/*.jpg`` or ``root/{train,val,test}/<class>/*``;
+  * manifest: CSV or JSONL with ``path``, ``label``, optional ``split`` and ``id`` (paths are
+    relative to the manifest file);
+  * arrays: in-memory ``(N, H, W[, C])`` uint8 images from Python;
+  * ``"demo"``: scikit-learn's bundled digits as RGB images with a fixed, seeded train/test split.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .cache import SPLITS, SampleTable
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MANIFEST_EXTENSIONS = (".csv", ".jsonl")
+DEMO_SIDE = 32
+
+
+class ImageDecodeError(Exception):
+    """One sample could not be turned into an image: recorded in the cache's error table."""
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file into an (H, W, 3) uint8 array the way photos are meant to be seen.
+
+    EXIF orientation is applied; grayscale, palette, CMYK and 16-bit modes become RGB; alpha is
+    composited on white (what a viewer shows) rather than dropped to black. A truncated file is
+    an error, not a half-grey image: ``img.load()`` forces the full decode here.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb_array(img)
+    except FileNotFoundError as e:
+        raise ImageDecodeError(f"file not found: {path}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"cannot decode {path}: {e}") from e
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode → (H, W, 3) uint8 RGB."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(canvas, rgba)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+class Source:
+    """Base class: a fixed sample table plus ``load(row)`` → (H, W, 3) uint8."""
+
+    samples: SampleTable
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, row: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.description!r}, {len(self)} samples)"
+
+
+class FileSource(Source):
+    """A source whose rows are image files on disk (folder or manifest)."""
+
+    def __init__(self, paths: Sequence[str], samples: SampleTable, description: str):
+        self.paths = [str(p) for p in paths]
+        self.samples = samples
+        self.description = description
+
+    def load(self, row: int) -> np.ndarray:
+        return decode_image(self.paths[row])
+
+
+def _file_content_key(path: Path) -> str:
+    """Cheap content key for the dataset fingerprint: the size, or 'missing'."""
+    try:
+        return str(path.stat().st_size)
+    except OSError:
+        return "missing"
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+class ImageFolderSource(FileSource):
+    """``root/<class>/<image>``, or the same under ``root/train``, ``root/val``, ``root/test``.
+
+    Class names are the union of class folder names over all splits, sorted; sample ids are
+    paths relative to ``root`` in POSIX form, so they stay stable across machines.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: not a directory")
+        split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+        layout = split_dirs or {"train": root}
+        per_split = {s: _class_folders(d) for s, d in layout.items()}
+        classes = sorted({c.name for folders in per_split.values() for c in folders})
+        if not classes:
+            raise DataError(f"{root}: no class subfolders found "
+                            f"(expected {root}/<class>/<image> or {root}/train/<class>/<image>)")
+        index = {c: i for i, c in enumerate(classes)}
+        paths, ids, labels, splits = [], [], [], []
+        for split, folders in per_split.items():
+            for folder in folders:
+                for f in _image_files(folder):
+                    paths.append(f)
+                    ids.append(f.relative_to(root).as_posix())
+                    labels.append(index[folder.name])
+                    splits.append(split)
+        if not paths:
+            raise DataError(f"{root}: class folders {classes} hold no image files "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
+        samples = SampleTable(ids, labels, splits, classes, content=[_file_content_key(p) for p in paths])
+        super().__init__(paths, samples, f"image folder {root}")
+
+
+def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs from a CSV or JSONL manifest; malformed lines named."""
+    rows: list[tuple[int, dict]] = []
+    if path.suffix.lower() == ".jsonl":
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path}, line {lineno}: expected a JSON object")
+                rows.append((lineno, rec))
+        return rows
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}: empty manifest") from None
+        header = [h.strip() for h in header]
+        for rec in reader:
+            lineno = reader.line_num
+            if not rec or all(not v.strip() for v in rec):
+                continue
+            if len(rec) != len(header):
+                raise DataError(f"{path}, line {lineno}: {len(rec)} fields, the header has "
+                                f"{len(header)} ({','.join(header)})")
+            rows.append((lineno, dict(zip(header, (v.strip() for v in rec)))))
+    return rows
+
+
+class ManifestSource(FileSource):
+    """CSV or JSONL manifest: ``path``, ``label`` (class name), optional ``split`` and ``id``.
+
+    Relative paths are resolved against the manifest's folder. An empty label means unlabeled
+    (-1). A missing image file is not an error here: it is recorded when extraction reaches it.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: manifest not found")
+        records = _manifest_rows(path)
+        if not records:
+            raise DataError(f"{path}: the manifest lists no samples")
+        for lineno, rec in records:
+            for field in ("path", "label"):
+                if field not in rec:
+                    raise DataError(f"{path}, line {lineno}: missing field {field!r}")
+            if not str(rec["path"]).strip():
+                raise DataError(f"{path}, line {lineno}: empty 'path'")
+            split = str(rec.get("split") or "train").strip()
+            if split not in SPLITS:
+                raise DataError(f"{path}, line {lineno}: unknown split {split!r} "
+                                f"(splits are {', '.join(SPLITS)})")
+        label_names = [("" if rec["label"] is None else str(rec["label"]).strip()) for _, rec in records]
+        classes = sorted({name for name in label_names if name})
+        index = {c: i for i, c in enumerate(classes)}
+        base = path.parent
+        files = [base / str(rec["path"]).strip() for _, rec in records]
+        ids, seen = [], {}
+        for (lineno, rec), f in zip(records, files):
+            sid = str(rec.get("id") or str(rec["path"]).strip())
+            if sid in seen:
+                raise DataError(f"{path}, line {lineno}: duplicate id {sid!r} (first on line {seen[sid]})")
+            seen[sid] = lineno
+            ids.append(sid)
+        samples = SampleTable(
+            ids, [index.get(name, -1) for name in label_names],
+            [str(rec.get("split") or "train").strip() for _, rec in records], classes,
+            content=[_file_content_key(f) for f in files])
+        super().__init__(files, samples, f"manifest {path}")
+
+
+class ArraySource(Source):
+    """In-memory images: ``(N, H, W)`` or ``(N, H, W, C)`` uint8 with labels and splits."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], *, splits: Sequence[str] | None = None,
+                 classes: Sequence[str] | None = None, ids: Sequence[str] | None = None,
+                 description: str = "arrays"):
+        images = np.asarray(images)
+        if images.ndim not in (3, 4) or images.dtype != np.uint8:
+            raise DataError(f"images must be uint8 (N, H, W[, C]); got {images.dtype} {images.shape}")
+        if images.ndim == 4 and images.shape[-1] not in (1, 3, 4):
+            raise DataError(f"images have {images.shape[-1]} channels; expected 1, 3 or 4")
+        n = len(images)
+        labels = np.asarray(labels, dtype=np.int64)
+        classes = list(classes) if classes is not None else [str(c) for c in range(int(labels.max()) + 1)]
+        ids = list(ids) if ids is not None else [f"{i:06d}" for i in range(n)]
+        splits = list(splits) if splits is not None else ["train"] * n
+        digest = [hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest()[:16] for im in images]
+        self.images = images
+        self.samples = SampleTable(ids, labels, splits, classes, content=digest)
+        self.description = description
+
+    def load(self, row: int) -> np.ndarray:
+        im = self.images[row]
+        if im.ndim == 2:
+            return np.repeat(im[:, :, None], 3, axis=2)
+        if im.shape[-1] == 1:
+            return np.repeat(im, 3, axis=2)
+        if im.shape[-1] == 4:
+            return to_rgb_array(Image.fromarray(im, "RGBA"))
+        return im
+
+
+class DemoSource(ArraySource):
+    """scikit-learn's bundled 8x8 digits, upscaled to 32x32 RGB, seeded stratified 75/25 split.
+
+    Ships with scikit-learn, so the demo and tests need no download.
+    """
+
+    def __init__(self, seed: int = 0, side: int = DEMO_SIDE):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        gray = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
+        imgs = np.stack([np.asarray(Image.fromarray(g).resize((side, side), Image.BICUBIC)) for g in gray])
+        rgb = np.repeat(imgs[:, :, :, None], 3, axis=3)
+        n = len(rgb)
+        train_idx, _ = train_test_split(np.arange(n), test_size=0.25, stratify=digits.target, random_state=seed)
+        splits = np.full(n, "test", dtype=object)
+        splits[train_idx] = "train"
+        super().__init__(rgb, digits.target, splits=list(splits), classes=[str(c) for c in range(10)],
+                         ids=[f"digits/{i:04d}" for i in range(n)], description="demo: scikit-learn digits")
+
+
+def open_source(spec: "str | os.PathLike | Source") -> Source:
+    """``"demo"``, an image folder, or a ``.csv``/``.jsonl`` manifest → a Source."""
+    if isinstance(spec, Source):
+        return spec
+    text = str(spec)
+    if text == "demo":
+        return DemoSource()
+    path = Path(text)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory "
+                        "(expected an image folder, a .csv/.jsonl manifest, or 'demo')")
+    if path.is_dir():
+        return ImageFolderSource(path)
+    if path.suffix.lower() in MANIFEST_EXTENSIONS:
+        return ManifestSource(path)
+    raise DataError(f"{path}: not a folder nor a manifest ({', '.join(MANIFEST_EXTENSIONS)})")

@@ -1,0 +1,68 @@
+"""Shared fixtures: real image files on disk, natural-looking rather than noise."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_photo(rng: np.random.Generator, h: int = 96, w: int = 128, hue: int = 0) -> Image.Image:
+    """A smooth, photo-like RGB image: a colour gradient sky, a few soft shapes, mild blur.
+
+    Noise images make every preprocessing difference look large; these behave like photos.
+    """
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([
+        120 + 80 * np.sin(x / w * np.pi + hue) * (y / h),
+        100 + 60 * np.cos(y / h * np.pi + hue / 2),
+        140 + 70 * (x / w) * np.cos(hue),
+    ], axis=-1)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        cx, cy = rng.integers(0, w), rng.integers(0, h)
+        rx, ry = rng.integers(w // 10, w // 3), rng.integers(h // 10, h // 3)
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
+        if rng.random() < 0.5:
+            draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=color)
+        else:
+            draw.rectangle([cx - rx, cy - ry, cx + rx, cy + ry], fill=color)
+    return img.filter(ImageFilter.GaussianBlur(radius=1.5))
+
+
+def write_image_folder(root: Path, *, classes=("cat", "dog", "fox"), per_class: dict | None = None,
+                       seed: int = 0, sizes=((96, 128), (120, 90), (64, 64))) -> Path:
+    """train/ and test/ folders with JPEG and PNG files in several modes (RGB, L, RGBA, P)."""
+    rng = np.random.default_rng(seed)
+    per_class = per_class or {"train": 6, "test": 2}
+    modes = ["RGB", "L", "RGBA", "P", "RGB"]
+    for split, n in per_class.items():
+        for ci, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = sizes[i % len(sizes)]
+                img = synthetic_photo(rng, h, w, hue=ci * 2)
+                mode = modes[i % len(modes)]
+                if mode == "RGBA":
+                    img = img.convert("RGBA")
+                    img.putalpha(200)
+                    img.save(d / f"{i:03d}.png")
+                elif mode == "P":
+                    img.convert("P", palette=Image.ADAPTIVE).save(d / f"{i:03d}.png")
+                elif mode == "L":
+                    img.convert("L").save(d / f"{i:03d}.jpg", quality=90)
+                else:
+                    img.save(d / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "photos")

@@ -1,0 +1,136 @@
+"""The HDF5 cache contract: round trips, coverage checks, fingerprints, clear errors."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from featstack.cache import CacheWriter, SampleTable, build_index, open_cache, shard_root, write_arrays_cache
+from featstack.errors import CacheError, CacheMismatchError, DataError
+
+
+def _samples(n: int, n_classes: int = 3, seed: int = 0) -> SampleTable:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(-1, n_classes, n)
+    splits = rng.choice(["train", "val", "test"], n)
+    return SampleTable(ids=[f"img/{i:05d}.jpg" for i in range(n)], labels=labels, splits=splits,
+                       classes=[f"c{i}" for i in range(n_classes)])
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 70), dims=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+       shard_rows=st.integers(1, 80), dtype=st.sampled_from(["float16", "float32"]), seed=st.integers(0, 10**6))
+def test_round_trip_property(tmp_path_factory, n, dims, shard_rows, dtype, seed):
+    """Whatever the sizes and shard layout, the cache gives back the rows that went in."""
+    path = tmp_path_factory.mktemp("rt") / "x.h5"
+    rng = np.random.default_rng(seed)
+    samples = _samples(n, seed=seed)
+    feats = {f"b{i}": rng.standard_normal((n, d)).astype(np.float32) for i, d in enumerate(dims)}
+    c = write_arrays_cache(path, samples, feats, dtype=dtype, shard_rows=shard_rows)
+    assert c.backbones == sorted(feats)
+    np.testing.assert_array_equal(c.ids, samples.ids)
+    np.testing.assert_array_equal(c.labels, samples.labels)
+    np.testing.assert_array_equal(c.splits, samples.splits)
+    tol = 0 if dtype == "float32" else 1e-3
+    expect = np.concatenate([feats[k] for k in sorted(feats)], axis=1)
+    got = c.features(sorted(feats))
+    np.testing.assert_allclose(got, expect.astype(dtype).astype(np.float32), rtol=tol, atol=0)
+    rows = rng.integers(0, n, size=min(n, 7))
+    np.testing.assert_array_equal(c.features(sorted(feats), rows=rows), got[rows])
+    mask = rng.random(n) < 0.5
+    np.testing.assert_array_equal(c.features(sorted(feats), rows=mask), got[mask])
+    assert c.dim("b0") == dims[0]
+    assert c.summary()["n_samples"] == n
+
+
+def test_missing_shard_is_an_error_not_nans(tmp_path):
+    path = tmp_path / "x.h5"
+    write_arrays_cache(path, _samples(20), {"a": np.ones((20, 4))}, shard_rows=8)
+    shard = shard_root(path) / "a" / "8-16.h5"
+    shard.unlink()
+    with pytest.raises(CacheError, match="8-16.h5"):
+        open_cache(path).features("a")
+    # rebuilding the index from what is on disk marks the backbone incomplete
+    build_index(path, _samples(20))
+    c = open_cache(path)
+    assert c.backbones == [] and c.all_backbones == ["a"]
+    assert c.summary()["backbones"][0]["missing"] == [[8, 16]]
+    with pytest.raises(CacheError, match="incomplete"):
+        c.features("a")
+
+
+def test_other_dataset_is_refused(tmp_path):
+    path = tmp_path / "x.h5"
+    write_arrays_cache(path, _samples(10), {"a": np.ones((10, 2))})
+    with pytest.raises(CacheMismatchError, match="another dataset"):
+        CacheWriter(path, _samples(11))
+    with pytest.raises(CacheMismatchError, match="another dataset"):
+        CacheWriter(path, _samples(10, seed=1))  # same size, other labels
+
+
+def test_backbone_fingerprint_mismatch_refused_unless_overwrite(tmp_path):
+    path = tmp_path / "x.h5"
+    s = _samples(10)
+    write_arrays_cache(path, s, {"a": np.ones((10, 2))}, shard_rows=4)
+    w = CacheWriter(path, s)
+    meta = {"key": "a", "timm_name": "a", "weights_sha256": "other", "data_config": {},
+            "preprocess": "arrays", "dtype": "float32", "dim": 2}
+    with pytest.raises(CacheMismatchError, match="'a'.*weights_sha256"):
+        w.plan_backbone(meta)
+    assert len(list((shard_root(path) / "a").glob("*.h5"))) == 3  # nothing lost
+    assert w.plan_backbone(meta, overwrite=True, shard_rows=4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_resume_plans_only_missing_shards(tmp_path):
+    path = tmp_path / "x.h5"
+    s = _samples(10)
+    write_arrays_cache(path, s, {"a": np.ones((10, 2))}, shard_rows=4)
+    (shard_root(path) / "a" / "4-8.h5").unlink()
+    w = CacheWriter(path, s)
+    meta = open_cache(path).backbone_info("a")
+    # a different requested shard size is ignored: the existing layout wins
+    assert w.plan_backbone(meta, shard_rows=3) == [(4, 8)]
+
+
+def test_shard_write_is_atomic(tmp_path, monkeypatch):
+    """A writer that dies mid-shard leaves no shard file, only a temp file resume removes."""
+    path = tmp_path / "x.h5"
+    s = _samples(8)
+    w = CacheWriter(path, s)
+    meta = {"key": "a", "timm_name": "a", "weights_sha256": "x", "data_config": {},
+            "preprocess": "arrays", "dtype": "float32", "dim": 2}
+    w.plan_backbone(meta, shard_rows=4)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(h5py.Group, "create_dataset", boom)
+    with pytest.raises(RuntimeError):
+        w.write_shard("a", 0, 4, np.zeros((4, 2)))
+    monkeypatch.undo()
+    assert not list((shard_root(path) / "a").glob("0-4.h5*"))
+    assert w.plan_backbone(meta, shard_rows=4) == [(0, 4), (4, 8)]
+
+
+def test_bad_files_and_tables(tmp_path):
+    with pytest.raises(CacheError, match="no such cache"):
+        open_cache(tmp_path / "nope.h5")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    with pytest.raises(CacheError, match="junk.h5"):
+        open_cache(junk)
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(CacheError, match="not a featstack cache"):
+        open_cache(tmp_path / "other.h5")
+    with pytest.raises(DataError, match="duplicate sample id 'a'"):
+        SampleTable(ids=["a", "a"], labels=[0, 0], splits=["train"] * 2, classes=["x"])
+    with pytest.raises(DataError, match="unknown split 'dev'"):
+        SampleTable(ids=["a"], labels=[0], splits=["dev"], classes=["x"])
+    with pytest.raises(DataError, match="label 3 of sample 'b'"):
+        SampleTable(ids=["a", "b"], labels=[0, 3], splits=["train"] * 2, classes=["x", "y"])
+    c = write_arrays_cache(tmp_path / "ok.h5", _samples(5), {"a": np.ones((5, 2))})
+    with pytest.raises(CacheError, match="'zz' is not in this cache"):
+        c.features(["a", "zz"])
