@@ -9,6 +9,12 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# One BLAS thread per test process: on a busy 2-core machine OpenBLAS threads spin against each
+# other and a 0.2 s logistic regression fit can take 20 s. Subprocesses inherit the variable.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+from threadpoolctl import threadpool_limits  # noqa: E402  (after the variable, before any fit)
+
+threadpool_limits(1, user_api="blas")
 REPO = Path(__file__).resolve().parents[1]
 
 

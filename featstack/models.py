@@ -1,0 +1,528 @@
+"""Trained models: fit a head × fusion on a cache's training split, save it, load it, predict.
+
+A saved model is a FOLDER with exactly two files and no pickle::
+
+    model.skops   the fitted estimator, written by ``skops.io.dump``; loaded with an explicit
+                  allowlist of the types our heads and fusions are made of, so a file holding
+                  anything else is refused before any object is built
+    model.json    what the estimator means: backbones (in column order), block widths, head,
+                  fusion, class names (in the estimator's output order), the feature
+                  fingerprint of every backbone, versions, training parameters and scores
+
+Prediction refuses a cache whose backbone features were produced differently (other weights,
+preprocessing or width) than those the model was trained on, naming the backbone: the matrices
+would line up by shape and silently give wrong predictions.
+
+This module (and the rest of the CPU side) never imports torch.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.abc
+import json
+import os
+import sys
+import time
+import uuid
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import __version__
+from .cache import Cache, open_cache
+from .errors import CacheError, CacheMismatchError, ConfigError, DataError, FeatstackError
+from .fusion import FUSIONS, build_model, check_fusion, proba_from_prediction, stack_method
+from .heads import head_spec
+
+MODEL_FORMAT = "featstack-model"
+MODEL_FORMAT_VERSION = 1
+ESTIMATOR_FILE = "model.skops"
+META_FILE = "model.json"
+FEATURE_DTYPE = "float32"
+
+# Fields of a cache's backbone metadata that decide what its feature vectors mean. Unlike the
+# cache's own backbone fingerprint, this leaves out the dataset (a model trained on one cache is
+# meant to predict on others) and the storage dtype (float16 vs float32 storage of the same
+# extractor differs by rounding only).
+FEATURE_FINGERPRINT_FIELDS = ("key", "timm_name", "weights_sha256", "data_config", "preprocess", "dim")
+
+# Every type a saved head/fusion may contain. Loading refuses a file holding any other type,
+# before building a single object from it (skops resolves types by name; this list is the
+# whole of what we are prepared to instantiate).
+ALLOWED_TYPES: tuple[str, ...] = (
+    # our fusions
+    "featstack.fusion.VoteClassifier",
+    "featstack.fusion.StackClassifier",
+    # heads (featstack.heads) and the meta-learner
+    "sklearn.pipeline.Pipeline",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.preprocessing._data.MinMaxScaler",
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.svm._classes.LinearSVC",
+    "sklearn.svm._classes.SVC",
+    "sklearn.naive_bayes.GaussianNB",
+    "sklearn.naive_bayes.MultinomialNB",
+    "sklearn.naive_bayes.ComplementNB",
+    # --tune: grid search with a seeded stratified split and the accuracy scorer
+    "sklearn.model_selection._search.GridSearchCV",
+    "sklearn.model_selection._split.StratifiedKFold",
+    "sklearn.metrics._scorer._Scorer",
+    "sklearn.metrics._scorer._PassthroughScorer",
+    "sklearn.metrics._classification.accuracy_score",
+    # containers and arrays
+    "builtins.dict", "builtins.list", "builtins.tuple", "builtins.str", "builtins.int",
+    "builtins.float", "builtins.bool", "builtins.NoneType", "builtins.slice",
+    "numpy.ndarray", "numpy.ma.MaskedArray", "numpy.dtype",
+    "numpy.float64", "numpy.float32", "numpy.float16", "numpy.int64", "numpy.int32",
+    "numpy.int8", "numpy.uint8", "numpy.bool", "numpy.bool_",
+)
+_ESTIMATOR_ROOTS = ("featstack.fusion.VoteClassifier", "featstack.fusion.StackClassifier",
+                    "sklearn.pipeline.Pipeline", "sklearn.model_selection._search.GridSearchCV")
+
+
+class ModelError(FeatstackError):
+    """A saved model folder that is missing, incomplete, of another format or untrusted."""
+
+
+# --------------------------------------------------------------------------------------------
+# skops without torch
+# --------------------------------------------------------------------------------------------
+
+class _BlockTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+def _skops_io():
+    """``skops.io``, imported without dragging in torch.
+
+    At import, skops lists scikit-learn's estimators by walking every scikit-learn module, and
+    one of them (the array-API shim for torch) imports torch when it is installed: 2-3 s and a
+    GPU stack for a CPU command. Hiding torch for the duration of that one import gives skops
+    exactly what it gets on a machine without torch (that shim is skipped), and nothing else.
+    """
+    if "skops.io" in sys.modules or "torch" in sys.modules:
+        import skops.io
+        return skops.io
+    import sklearn  # noqa: F401  (its own imports must see the real environment)
+    blocker = _BlockTorch()
+    sys.meta_path.insert(0, blocker)
+    try:
+        import skops.io
+    finally:
+        sys.meta_path.remove(blocker)
+    return skops.io
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------
+
+def feature_fingerprint(info: dict) -> str:
+    """sha256 of what makes a backbone's feature vectors comparable across caches (weights,
+    preprocessing, width), leaving out the dataset and the storage dtype."""
+    payload = json.dumps({f: info.get(f) for f in FEATURE_FINGERPRINT_FIELDS}, sort_keys=True,
+                         separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _parse_backbones(backbones: str | Sequence[str]) -> list[str]:
+    keys = [k.strip() for k in backbones.split(",")] if isinstance(backbones, str) else list(backbones)
+    keys = [k for k in keys if k]
+    if not keys:
+        raise ConfigError("no backbone given: pass --backbones a,b (see `featstack info CACHE`)")
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ConfigError(f"backbone {dup[0]!r} is listed twice")
+    return keys
+
+
+# --------------------------------------------------------------------------------------------
+# SavedModel
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SavedModel:
+    """A fitted estimator plus what it needs to be applied to a cache safely.
+
+    ``classes`` are the class names of the training cache, indexed by its integer labels: the
+    estimator was fitted on those labels and :meth:`predict` returns them (as
+    ``estimator.predict`` does), :meth:`predict_names` the names. Probability and score columns
+    follow ``estimator.classes_``, named by :attr:`output_classes` (the same list unless a class
+    had no training rows). ``fingerprints`` map each backbone to its :func:`feature_fingerprint`.
+    """
+
+    estimator: object
+    backbones: list
+    dims: list
+    head: str
+    fusion: str
+    classes: list
+    fingerprints: dict
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else f"{self.head}/{self.fusion} model"
+
+    @property
+    def score_kind(self) -> str:
+        """"proba" if the estimator gives class probabilities, else "score" (decision values)."""
+        return "proba" if stack_method(self.estimator) == "predict_proba" else "score"
+
+    @property
+    def output_classes(self) -> list:
+        """Names of the estimator's output columns (probabilities, scores), in order."""
+        return [self.classes[int(c)] for c in self.estimator.classes_]
+
+    def check_cache(self, cache: Cache | str | os.PathLike) -> Cache:
+        """Refuse a cache that lacks one of the model's backbones or whose features for it were
+        extracted differently (the error names the backbone); return the opened cache."""
+        cache = cache if isinstance(cache, Cache) else open_cache(cache)
+        for key, want in zip(self.backbones, self.fingerprints_list()):
+            if key not in cache.all_backbones:
+                have = ", ".join(cache.all_backbones) or "none"
+                raise CacheMismatchError(
+                    f"backbone {key!r} of model {self.name} is not in {cache.path} (it has: {have}); "
+                    f"extract it with `featstack extract ... --backbones {key} --cache {cache.path}`")
+            got = feature_fingerprint(cache.backbone_info(key))
+            if got != want:
+                raise CacheMismatchError(
+                    f"backbone {key!r} in {cache.path} was extracted differently from the one model "
+                    f"{self.name} was trained on (fingerprint {got[:12]} vs {want[:12]}): other "
+                    "weights, preprocessing or width; re-extract it the same way")
+        return cache
+
+    def fingerprints_list(self) -> list[str]:
+        return [self.fingerprints[k] for k in self.backbones]
+
+    def features(self, cache: Cache | str | os.PathLike, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """(X, row indices) for ``rows`` of a checked cache; ``rows=None`` = every row whose
+        input decoded. A non-finite feature is a DataError naming the sample and backbone."""
+        cache = self.check_cache(cache)
+        idx = _row_indices(cache, rows)
+        X = cache.features(self.backbones, rows=idx, dtype=np.dtype(self.meta.get("dtype", FEATURE_DTYPE)))
+        _check_finite(cache, X, idx, self.backbones, self.dims)
+        return X, idx
+
+    def scores(self, cache: Cache | str | os.PathLike, rows=None) -> np.ndarray:
+        """(n, n_classes) probabilities if the estimator has them, else decision values (a
+        binary decision d as [-d, d], so the argmax is the prediction either way)."""
+        X, _ = self.features(cache, rows)
+        return self._scores(X)
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        method = stack_method(self.estimator)
+        out = np.asarray(getattr(self.estimator, method)(X), dtype=np.float64)
+        if out.ndim == 1:
+            out = np.column_stack([-out, out])
+        return out
+
+    def predict(self, cache: Cache | str | os.PathLike, rows=None) -> np.ndarray:
+        """Predicted integer labels (of the training cache's class list, :attr:`classes`) for
+        ``rows`` (None = every row whose input decoded)."""
+        X, _ = self.features(cache, rows)
+        return np.asarray(self.estimator.predict(X), dtype=np.int64)
+
+    def predict_names(self, cache: Cache | str | os.PathLike, rows=None) -> np.ndarray:
+        """Predicted class names: what to compare with another cache, whose class list (and so
+        integer labels) may differ from the training cache's."""
+        return self._names(self.predict(cache, rows))
+
+    def predict_proba(self, cache: Cache | str | os.PathLike, rows=None) -> np.ndarray:
+        """Class probabilities (columns named by :attr:`output_classes`); heads without probabilities
+        get the softmax of their decision values, as in a vote."""
+        X, _ = self.features(cache, rows)
+        method = stack_method(self.estimator)
+        return proba_from_prediction(getattr(self.estimator, method)(X), method)
+
+    def _names(self, pred: np.ndarray) -> np.ndarray:
+        return np.asarray(self.classes, dtype=object)[np.asarray(pred, dtype=np.int64)]
+
+
+def _row_indices(cache: Cache, rows) -> np.ndarray:
+    if rows is None:
+        return np.flatnonzero(cache.valid)
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (len(cache),):
+            raise ConfigError(f"row mask has {rows.shape[0]} entries for {len(cache)} rows of {cache.path}")
+        return np.flatnonzero(rows)
+    return rows.astype(np.int64).reshape(-1)
+
+
+def _check_finite(cache: Cache, X: np.ndarray, idx: np.ndarray, backbones: Sequence[str],
+                  dims: Sequence[int]) -> None:
+    start = 0
+    for key, d in zip(backbones, dims):
+        block = X[:, start:start + d]
+        start += d
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            row = int(idx[i])
+            reason = ("its input failed to decode" if row in set(cache.error_rows.tolist())
+                      else "the cache holds NaN or infinity there")
+            raise DataError(f"sample {cache.ids[row]!r} (row {row}) has non-finite features for "
+                            f"backbone {key!r} in {cache.path} ({reason}); {int(bad.sum())} such "
+                            "row(s) in this selection")
+
+
+def train_rows(cache: Cache) -> np.ndarray:
+    """Rows a model is fitted on: split "train", labelled, and decoded without error."""
+    return np.flatnonzero(cache.split_mask("train") & (cache.labels >= 0) & cache.valid)
+
+
+def labelled_rows(cache: Cache, split: str) -> np.ndarray:
+    """Labelled, decoded rows of one split (for scoring)."""
+    return np.flatnonzero(cache.split_mask(split) & (cache.labels >= 0) & cache.valid)
+
+
+def _check_classes(cache: Cache, y: np.ndarray, head: str, fusion: str, cv: int, tune: bool) -> None:
+    present, counts = np.unique(y, return_counts=True)
+    names = [cache.classes[i] for i in present]
+    if len(present) < 2:
+        raise DataError(f"the training split of {cache.path} has only one class "
+                        f"({names[0]!r}, {int(counts[0])} rows); a classifier needs at least 2 classes")
+    need, why = 0, ""
+    if fusion == "stack":
+        need, why = cv, f"the cv={cv} stacking folds"
+    if tune:
+        from .heads import create_head
+        inner = create_head(head, tune=True).cv.get_n_splits()
+        if inner > need:
+            need, why = inner, f"the {inner} inner folds of --tune"
+    few = [(n, int(c)) for n, c in zip(names, counts) if c < need]
+    if few:
+        detail = ", ".join(f"class {n!r} has {c}" for n, c in few[:5])
+        raise DataError(f"training split of {cache.path}: {detail} row(s), fewer than {why}; "
+                        "lower --cv, drop --tune or add samples")
+
+
+def train_model(cache: Cache | str | os.PathLike, backbones: str | Sequence[str], head: str,
+                fusion: str, *, out: str | os.PathLike | None = None, tune: bool = False,
+                cv: int = 5, random_state: int = 0, n_jobs: int | None = None,
+                progress: bool = False) -> SavedModel:
+    """Fit ``head`` × ``fusion`` on the cache's training split and (with ``out``) save it.
+
+    Only rows with split "train", a label, and no decode error are used; validation and test
+    rows never influence the fit (also not through ``--tune``). Where a test split exists,
+    its accuracy is recorded in the model's metadata.
+    """
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    keys = _parse_backbones(backbones)
+    check_fusion(fusion)
+    head_spec(head)
+    if fusion == "single" and len(keys) != 1:
+        raise ConfigError(f"fusion 'single' takes exactly one backbone, got {len(keys)} "
+                          f"({', '.join(keys)}); use concat, vote or stack to combine them")
+    if not isinstance(cv, int) or cv < 2:
+        raise ConfigError(f"--cv must be an integer >= 2, got {cv!r}")
+    for k in keys:
+        if k not in cache.all_backbones:
+            have = ", ".join(cache.all_backbones) or "none"
+            raise CacheError(f"{cache.path}: backbone {k!r} is not in this cache (it has: {have})")
+    dims = [cache.dim(k) for k in keys]
+    rows = train_rows(cache)
+    if len(rows) == 0:
+        raise DataError(f"{cache.path} has no labelled training rows (split 'train', label set, "
+                        "decoded without error)")
+    X = cache.features(keys, rows=rows, dtype=np.dtype(FEATURE_DTYPE))
+    _check_finite(cache, X, rows, keys, dims)
+    y = cache.labels[rows]
+    _check_classes(cache, y, head, fusion, cv, tune)
+
+    est = build_model(head, fusion, dims, cv=cv, random_state=random_state, tune=tune, n_jobs=n_jobs)
+    if progress:  # one sklearn fit: no natural progress bar, so say what is running and on what
+        print(f"fitting {head} x {fusion} on {len(rows)} rows x {sum(dims)} features "
+              f"({'+'.join(keys)}){' with --tune' if tune else ''} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    est.fit(X, y)
+    fit_seconds = time.perf_counter() - t0
+    train_acc = float(np.mean(est.predict(X) == y))
+
+    import sklearn
+    infos = {k: cache.backbone_info(k) for k in keys}
+    meta = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "featstack_version": __version__,
+        "sklearn_version": sklearn.__version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "backbones": keys,
+        "dims": dims,
+        "head": head,
+        "fusion": fusion,
+        "classes": list(cache.classes),
+        "labels": [int(c) for c in est.classes_],
+        "fingerprints": {k: feature_fingerprint(infos[k]) for k in keys},
+        "cache_fingerprints": {k: infos[k].get("fingerprint") for k in keys},
+        "timm_names": {k: infos[k].get("timm_name") for k in keys},
+        "cache_fingerprint": cache.dataset_fingerprint,
+        "cache_path": str(cache.path),
+        "dtype": FEATURE_DTYPE,
+        "output": stack_method(est),
+        "params": {"cv": cv, "random_state": random_state, "tune": bool(tune)},
+        "train_rows": int(len(rows)),
+        "train_accuracy": train_acc,
+        "fit_seconds": round(fit_seconds, 3),
+    }
+    saved = SavedModel(estimator=est, backbones=keys, dims=dims, head=head, fusion=fusion,
+                       classes=meta["classes"], fingerprints=meta["fingerprints"], meta=meta)
+    test = labelled_rows(cache, "test")
+    if len(test):
+        meta["test_rows"] = int(len(test))
+        meta["test_accuracy"] = float(np.mean(saved.predict(cache, rows=test) == cache.labels[test]))
+    if out is not None:
+        save_model(out, saved)
+    return saved
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------
+
+def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
+    """Write ``saved`` as a model folder (model.skops + model.json), each file atomically.
+
+    Refuses to write into a non-empty folder that is not a model folder, so a typo in --out
+    cannot clutter (or be mistaken for) another directory.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: exists and is not a folder; a saved model is a folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / META_FILE).exists():
+        raise ConfigError(f"{path}: folder is not empty and holds no {META_FILE}; "
+                          "pick a new --out folder")
+    path.mkdir(parents=True, exist_ok=True)
+    meta = dict(saved.meta)
+    meta.update(format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,
+                backbones=list(saved.backbones), dims=[int(d) for d in saved.dims],
+                head=saved.head, fusion=saved.fusion, classes=list(saved.classes),
+                fingerprints=dict(saved.fingerprints))
+    if hasattr(saved.estimator, "classes_"):
+        meta["labels"] = [int(c) for c in saved.estimator.classes_]
+    sio = _skops_io()
+    tag = uuid.uuid4().hex
+    tmp_est = path / f".{ESTIMATOR_FILE}.{tag}.tmp"
+    tmp_meta = path / f".{META_FILE}.{tag}.tmp"
+    try:
+        sio.dump(saved.estimator, tmp_est)
+        tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp_est, path / ESTIMATOR_FILE)
+        os.replace(tmp_meta, path / META_FILE)
+    finally:
+        tmp_est.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
+    saved.meta, saved.path = meta, path
+    return path
+
+
+def _schema_types(node, out: set) -> None:
+    if isinstance(node, dict):
+        if "__module__" in node and "__class__" in node:
+            out.add(f"{node['__module__']}.{node['__class__']}")
+        for v in node.values():
+            _schema_types(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _schema_types(v, out)
+
+
+def check_model_file(file: str | os.PathLike) -> list[str]:
+    """Every type a model.skops file would build, refused (ModelError naming the file and the
+    type) if one is outside :data:`ALLOWED_TYPES`; returns the types skops itself distrusts,
+    which are then passed to ``skops.io.load`` as trusted."""
+    file = Path(file)
+    sio = _skops_io()
+    try:
+        untrusted = list(sio.get_untrusted_types(file=file))
+        with zipfile.ZipFile(file) as z:
+            schema = json.loads(z.read("schema.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
+        raise ModelError(f"{file}: not a readable skops file ({e})") from e
+    types: set = set()
+    _schema_types(schema, types)
+    allowed = set(ALLOWED_TYPES)
+    bad = sorted((set(untrusted) | types) - allowed)
+    if bad:
+        raise ModelError(f"{file}: refusing to load type {bad[0]!r}, which featstack models never "
+                         f"contain ({len(bad)} such type(s): {', '.join(bad[:5])}); the file was "
+                         "not written by featstack or has been tampered with")
+    root = f"{schema.get('__module__')}.{schema.get('__class__')}"
+    if root not in _ESTIMATOR_ROOTS:
+        raise ModelError(f"{file}: holds a {root}, not a featstack head or fusion")
+    return untrusted
+
+
+def _read_meta(path: Path) -> dict:
+    mfile = path / META_FILE
+    try:
+        meta = json.loads(mfile.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path}: not a saved model folder (no {META_FILE})") from None
+    except ValueError as e:
+        raise ModelError(f"{mfile}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ModelError(f"{mfile}: field 'format' is {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"expected {MODEL_FORMAT!r}")
+    if int(meta.get("format_version", 0)) > MODEL_FORMAT_VERSION:
+        raise ModelError(f"{mfile}: model format {meta['format_version']} is newer than this "
+                         f"featstack reads ({MODEL_FORMAT_VERSION})")
+    for f in ("backbones", "dims", "head", "fusion", "classes", "fingerprints"):
+        if f not in meta:
+            raise ModelError(f"{mfile}: missing field {f!r}")
+    if len(meta["backbones"]) != len(meta["dims"]):
+        raise ModelError(f"{mfile}: {len(meta['backbones'])} backbones but {len(meta['dims'])} dims")
+    missing = [k for k in meta["backbones"] if k not in meta["fingerprints"]]
+    if missing:
+        raise ModelError(f"{mfile}: field 'fingerprints' lacks backbone {missing[0]!r}")
+    if meta["fusion"] not in FUSIONS:
+        raise ModelError(f"{mfile}: field 'fusion' is {meta['fusion']!r}, not one of {', '.join(FUSIONS)}")
+    return meta
+
+
+def load_model(path: str | os.PathLike) -> SavedModel:
+    """Load a model folder written by :func:`save_model` (never through pickle).
+
+    The skops file's types are checked against :data:`ALLOWED_TYPES` before anything is built.
+    """
+    path = Path(path)
+    if path.is_file() and path.name in (META_FILE, ESTIMATOR_FILE):
+        path = path.parent
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such model folder")
+    meta = _read_meta(path)
+    efile = path / ESTIMATOR_FILE
+    if not efile.exists():
+        raise ModelError(f"{path}: model folder lacks {ESTIMATOR_FILE}")
+    trusted = check_model_file(efile)
+    sio = _skops_io()
+    import sklearn
+    if meta.get("sklearn_version") and meta["sklearn_version"] != sklearn.__version__:
+        warnings.warn(f"{path} was saved with scikit-learn {meta['sklearn_version']}, this is "
+                      f"{sklearn.__version__}; predictions may differ slightly", stacklevel=2)
+    try:
+        est = sio.load(efile, trusted=trusted)
+    except Exception as e:  # skops raises a variety of errors on damaged files
+        raise ModelError(f"{efile}: cannot be loaded ({type(e).__name__}: {e})") from e
+    labels = [int(c) for c in getattr(est, "classes_", [])]
+    if labels != list(meta.get("labels", labels)) or not labels or \
+            not all(0 <= c < len(meta["classes"]) for c in labels):
+        raise ModelError(f"{path}: estimator predicts labels {labels} but {META_FILE} lists "
+                         f"{len(meta['classes'])} classes with labels {meta.get('labels')}")
+    n_in = getattr(est, "n_features_in_", None)
+    if n_in is not None and n_in != sum(meta["dims"]):
+        raise ModelError(f"{path}: estimator takes {n_in} features but dims {meta['dims']} sum to "
+                         f"{sum(meta['dims'])}")
+    return SavedModel(estimator=est, backbones=list(meta["backbones"]), dims=[int(d) for d in meta["dims"]],
+                      head=meta["head"], fusion=meta["fusion"], classes=list(meta["classes"]),
+                      fingerprints=dict(meta["fingerprints"]), meta=meta, path=path)
