@@ -16,8 +16,7 @@ $(BIN)/.featstack-installed: pyproject.toml
 venv: $(BIN)/.featstack-installed
 
 demo: venv
-	$(BIN)/featstack extract --data demo --backbones test_resnet,test_vit --weights none --cache cache/demo.h5
-	$(BIN)/featstack info cache/demo.h5
+	$(BIN)/featstack run pipelines/demo.yaml
 
 test: venv
 	$(BIN)/python -m pytest -q
