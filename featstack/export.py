@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .errors import BackboneError, ConfigError, FeatstackError
+from .errors import BackboneError, ConfigError, FeatstackError, read_format_json
 
 NETWORK_FORMAT = "featstack-network"
 NETWORK_FORMAT_VERSION = 1
@@ -1074,21 +1074,9 @@ def read_network_config(path: str | os.PathLike) -> tuple[Path, dict]:
     jfile = path / NETWORK_JSON
     if not path.is_dir():
         raise ExportError(f"{path}: no such network folder")
-    try:
-        cfg = json.loads(jfile.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{path}: not a network folder (no {NETWORK_JSON}; make one with `featstack export`)") from None
-    except ValueError as e:
-        raise ExportError(f"{jfile}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict) or cfg.get("format") != NETWORK_FORMAT:
-        raise ExportError(f"{jfile}: field 'format' is {cfg.get('format') if isinstance(cfg, dict) else None!r}, "
-                          f"expected {NETWORK_FORMAT!r}")
-    if int(cfg.get("format_version", 0)) > NETWORK_FORMAT_VERSION:
-        raise ExportError(f"{jfile}: network format {cfg['format_version']} is newer than this featstack "
-                          f"reads ({NETWORK_FORMAT_VERSION})")
-    for f in ("backbones", "head", "classes", "head_dtype"):
-        if f not in cfg:
-            raise ExportError(f"{jfile}: missing field {f!r}")
+    cfg = read_format_json(jfile, fmt=NETWORK_FORMAT, version=NETWORK_FORMAT_VERSION,
+                           required=("backbones", "head", "classes", "head_dtype"), error=ExportError,
+                           what="network", hint="; make one with `featstack export`")
     return path, cfg
 
 

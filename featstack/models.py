@@ -35,7 +35,7 @@ import numpy as np
 
 from . import __version__
 from .cache import Cache, open_cache
-from .errors import CacheError, CacheMismatchError, ConfigError, DataError, FeatstackError
+from .errors import CacheError, CacheMismatchError, ConfigError, DataError, FeatstackError, read_format_json
 from .fusion import FUSIONS, build_model, check_fusion, proba_from_prediction, stack_method
 from .heads import head_spec
 
@@ -464,22 +464,10 @@ def check_model_file(file: str | os.PathLike) -> list[str]:
 
 
 def _read_meta(path: Path) -> dict:
+    meta = read_format_json(path / META_FILE, fmt=MODEL_FORMAT, version=MODEL_FORMAT_VERSION,
+                            required=("backbones", "dims", "head", "fusion", "classes", "fingerprints"),
+                            error=ModelError, what="saved model")
     mfile = path / META_FILE
-    try:
-        meta = json.loads(mfile.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{path}: not a saved model folder (no {META_FILE})") from None
-    except ValueError as e:
-        raise ModelError(f"{mfile}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise ModelError(f"{mfile}: field 'format' is {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                         f"expected {MODEL_FORMAT!r}")
-    if int(meta.get("format_version", 0)) > MODEL_FORMAT_VERSION:
-        raise ModelError(f"{mfile}: model format {meta['format_version']} is newer than this "
-                         f"featstack reads ({MODEL_FORMAT_VERSION})")
-    for f in ("backbones", "dims", "head", "fusion", "classes", "fingerprints"):
-        if f not in meta:
-            raise ModelError(f"{mfile}: missing field {f!r}")
     if len(meta["backbones"]) != len(meta["dims"]):
         raise ModelError(f"{mfile}: {len(meta['backbones'])} backbones but {len(meta['dims'])} dims")
     missing = [k for k in meta["backbones"] if k not in meta["fingerprints"]]
