@@ -52,6 +52,8 @@ FINGERPRINT_FIELDS = (
     "key", "timm_name", "weights_sha256", "data_config", "preprocess", "dtype", "dim",
     "dataset_fingerprint",
 )
+# Counted in the fingerprint when present (extracted backbones record them; array caches do not).
+OPTIONAL_FINGERPRINT_FIELDS = ("decode",)
 
 
 def _sha256(*parts: bytes) -> str:
@@ -130,7 +132,9 @@ def backbone_fingerprint(meta: dict) -> str:
     missing = [f for f in FINGERPRINT_FIELDS if f not in meta]
     if missing:
         raise ValueError(f"backbone metadata lacks {missing}")
-    return _sha256(_canonical_json({f: meta[f] for f in FINGERPRINT_FIELDS}).encode())
+    fields = {f: meta[f] for f in FINGERPRINT_FIELDS}
+    fields.update({f: meta[f] for f in OPTIONAL_FINGERPRINT_FIELDS if f in meta})
+    return _sha256(_canonical_json(fields).encode())
 
 
 def safe_key(key: str) -> str:
@@ -227,7 +231,7 @@ class CacheWriter:
         old = self.read_backbone_meta(key)
         if old is not None and old.get("fingerprint") != meta["fingerprint"]:
             if not overwrite:
-                diff = [f for f in FINGERPRINT_FIELDS if old.get(f) != meta.get(f)]
+                diff = [f for f in FINGERPRINT_FIELDS + OPTIONAL_FINGERPRINT_FIELDS if old.get(f) != meta.get(f)]
                 raise CacheMismatchError(
                     f"{self.path}: backbone {key!r} is cached with another fingerprint "
                     f"(differs in: {', '.join(diff) or 'format'}); pass --overwrite to replace it")

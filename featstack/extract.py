@@ -6,11 +6,29 @@ dataset, or a backbone cached with another fingerprint, is refused), then plan t
 still missing and run them. Batches never cross a shard boundary, so a resumed run computes
 exactly the batches an uninterrupted run would have, and its features are identical.
 
-Memory is bounded by one shard buffer per backbone plus the loader's prefetch queue and the
-writer's queue, whatever the number of samples.
+Keeping the device busy:
+
+* DataLoader workers decode each image once to a uint8 centre square at the largest
+  resolution any backbone needs (JPEGs at a reduced DCT scale when they are much larger); with
+  ``decode="gpu"`` they only read file bytes and the main process decodes whole batches with
+  nvjpeg. Batches come from pinned memory and are copied to the device once, asynchronously;
+  each backbone's crop/resize/normalize is batched tensor ops on the device.
+* Models run channels_last, under bf16 autocast on a GPU (fp32 selectable), optionally through
+  ``torch.compile``. Embeddings are copied back asynchronously and read one batch later, so
+  the host prepares batch i+1 while the device still computes batch i.
+* Finished shards go to a writer thread through a short queue.
+* On a CPU device, decode workers and torch's intra-op threads share the cores: the defaults
+  split them so that they do not oversubscribe (an OpenMP thread that loses its core to a
+  decoder stalls every other thread at the next barrier); see :func:`resolve_parallelism`.
+* BatchNorm is folded into the preceding convolutions (``torch.fx``) for inference.
+
+Memory is bounded by one shard buffer per backbone, the loader's prefetch queue
+(workers x prefetch_factor batches) and the writer's queue, whatever the number of samples:
+no array, list or index over all rows is built here.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import queue
@@ -19,7 +37,8 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -27,13 +46,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .backbones import BackboneSpec, LoadedBackbone, load_backbone, resolve_backbone
 from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text
-from .distributed import barrier
-from .data import ImageDecodeError, Source, open_source
+from .data import FileSource, ImageDecodeError, Source, open_source
+from .distributed import all_sum, barrier, local_world_size
 from .errors import ConfigError
-from .preprocess import PREPROCESS_MODES, DevicePreprocessor, center_square, decode_resolution, reference_transform
+from .preprocess import (PREPROCESS_MODES, DevicePreprocessor, center_square, decode_resolution,
+                         decode_square, gpu_jpeg_decode_available, is_plain_jpeg, reference_transform,
+                         squares_from_jpeg_bytes)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("float16", "float32")
+DECODE_MODES = ("auto", "cpu", "gpu")
+# Device types on which decode="gpu" (batched torchvision.io.decode_jpeg on the extraction
+# device) is allowed. Only CUDA makes sense for users; tests add "cpu" to run the same path.
+_DEVICE_DECODE_TYPES = ("cuda",)
+_JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
 @dataclass
@@ -48,6 +74,11 @@ class ExtractResult:
     errors: int = 0
     seconds: float = 0.0
     images_per_second: dict = field(default_factory=dict)
+    decode: str = "cpu"
+    workers: int = 0
+    threads: int | None = None
+    compiled: bool = False
+    rank_rows_processed: int | None = None  # under torchrun: this rank's rows (the others are job totals)
 
 
 # --------------------------------------------------------------------------- device & precision
@@ -81,29 +112,136 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-# --------------------------------------------------------------------------- loading images
-class _DecodeDataset(Dataset):
-    """Decodes row ``rows[i]`` once, for all backbones (fast: one uint8 square; reference:
-    timm's transform per backbone). A bad image becomes an error message, not an exception."""
+def resolve_decode(decode: str, device: torch.device, source: Source, preprocess: str) -> str:
+    """'cpu' (Pillow in DataLoader workers) or 'gpu' (batched decode_jpeg on the device).
 
-    def __init__(self, source: Source, rows: np.ndarray, mode: str, side: int, ref_configs: dict):
-        self.source, self.rows, self.mode, self.side = source, rows, mode, side
+    auto = gpu when the device is CUDA, torchvision can decode there, the source is image files
+    and some of them are JPEGs (non-JPEG files are still decoded by the workers); else cpu.
+    """
+    if decode not in DECODE_MODES:
+        raise ConfigError(f"--decode {decode!r}: choose one of {', '.join(DECODE_MODES)}")
+    if decode == "cpu":
+        return "cpu"
+    on_device = (device.type in _DEVICE_DECODE_TYPES and gpu_jpeg_decode_available(device)
+                 and isinstance(source, FileSource) and preprocess == "fast")
+    if decode == "gpu":
+        if not on_device:
+            why = ("--preprocess reference decodes with Pillow by definition" if preprocess != "fast" else
+                   "the source is not image files" if not isinstance(source, FileSource) else
+                   f"it needs a CUDA device with torchvision's nvjpeg decoder (device is {device})")
+            raise ConfigError(f"--decode gpu: {why}; use --decode cpu or auto")
+        return "gpu"
+    if not on_device:
+        return "cpu"
+    sample = source.paths[:1000]
+    return "gpu" if any(str(p).lower().endswith(_JPEG_SUFFIXES) for p in sample) else "cpu"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_parallelism(device: torch.device, workers: int | None, threads: int | None,
+                        decode: str = "cpu") -> tuple[int, int | None]:
+    """(DataLoader workers, torch intra-op threads or None = leave torch's setting).
+
+    The cores of this machine are shared by the torchrun ranks on it (LOCAL_WORLD_SIZE). On a
+    GPU the host only decodes: workers get the cores. On a CPU the forward pass and the
+    decoders compete for the same cores, and a core taken from one of torch's OpenMP threads
+    stalls its peers at every barrier (on a busy 2-core machine, 1 worker + 2 threads ran at
+    a third of the speed of 1 + 1); so the defaults keep workers + threads = cores. Decoding
+    once costs far less than the forward passes (~3 ms per photo against ~25 ms for three
+    small backbones on one core), so small machines decode in the main process between
+    batches and give every core to torch (idle 2-core machine: 0 + 2 ran 1.5x faster than
+    1 + 1; see docs/scale.md); from 8 cores on, one worker per 8 cores decodes in parallel. An
+    explicit OMP_NUM_THREADS (torchrun sets 1 per rank) is respected. On a machine busy with
+    other jobs, fewer threads than cores (``threads=1, workers=1`` per 2 cores) is faster.
+    """
+    if workers is not None and workers < 0:
+        raise ConfigError("--workers must be >= 0")
+    if threads is not None and threads < 1:
+        raise ConfigError("--threads must be >= 1")
+    per_rank = max(1, _cores() // local_world_size())
+    if device.type != "cpu":
+        if workers is None:
+            workers = min(4 if decode == "gpu" else 8, max(1, per_rank - 1))
+        return workers, threads
+    if workers is None:
+        workers = per_rank // 8
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, per_rank - workers)
+    return workers, threads
+
+
+# --------------------------------------------------------------------------- loading images
+class _RawBatch(NamedTuple):
+    """A batch for device decoding: JPEG bytes, plus squares the workers decoded themselves.
+
+    The files' bytes travel as ONE flat tensor with offsets: a worker shares each tensor it
+    sends through its own file descriptor, and hundreds per batch would exhaust the limit."""
+
+    n: int
+    squares: torch.Tensor | None  # (m, 3, R, R) uint8 for positions square_pos
+    square_pos: list
+    jpeg_data: torch.Tensor | None  # concatenated file bytes, uint8
+    jpeg_offsets: list              # len(jpeg_pos) + 1 offsets into jpeg_data
+    jpeg_pos: list
+
+    @property
+    def jpegs(self) -> list:
+        o = self.jpeg_offsets
+        return [self.jpeg_data[o[i]:o[i + 1]] for i in range(len(self.jpeg_pos))]
+
+    def pin_memory(self):  # called by the DataLoader's pin thread: pin the pixels, not the bytes
+        sq = self.squares.pin_memory() if self.squares is not None else None
+        return self._replace(squares=sq)
+
+
+class _DecodeDataset(Dataset):
+    """Item = global row id. Decodes it once, for all backbones (fast: one uint8 square, or the
+    raw JPEG bytes for device decoding; reference: timm's transform per backbone). A bad image
+    becomes an error message, not an exception."""
+
+    def __init__(self, source: Source, mode: str, side: int, ref_configs: dict, decode: str = "cpu"):
+        self.source, self.mode, self.side, self.decode = source, mode, side, decode
         self.ref_configs = ref_configs
+        self.paths = source.paths if isinstance(source, FileSource) else None
         self._ref = None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.source)
 
-    def __getitem__(self, i: int):
-        row = int(self.rows[i])
+    def _square(self, row: int):
+        if self.paths is None:
+            sq = center_square(self.source.load(row), self.side)
+        elif self.decode == "gpu":
+            path = self.paths[row]
+            try:
+                data = Path(path).read_bytes()
+            except FileNotFoundError as e:
+                raise ImageDecodeError(f"file not found: {path}") from e
+            if is_plain_jpeg(data):
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            sq = decode_square(data, self.side, name=path)
+        else:
+            sq = decode_square(self.paths[row], self.side)
+        if not sq.flags.writeable or not sq.flags.c_contiguous:  # Pillow's arrays are read-only
+            sq = np.array(sq, order="C")
+        return torch.from_numpy(sq)  # (R, R, 3): see _Collate
+
+    def __getitem__(self, row: int):
+        row = int(row)
         try:
+            if self.mode == "fast":
+                return row, self._square(row), None
             img = self.source.load(row)
         except ImageDecodeError as e:
             return row, None, str(e)
         except Exception as e:  # noqa: BLE001 - one bad input never kills the run
             return row, None, f"{self.source.samples.ids[row]}: {type(e).__name__}: {e}"
-        if self.mode == "fast":
-            return row, torch.from_numpy(np.ascontiguousarray(center_square(img, self.side).transpose(2, 0, 1))), None
         from PIL import Image
         if self._ref is None:
             self._ref = {k: reference_transform(c) for k, c in self.ref_configs.items()}
@@ -113,42 +251,141 @@ class _DecodeDataset(Dataset):
 
 def _placeholder(mode: str, side: int, ref_configs: dict):
     if mode == "fast":
-        return torch.zeros((3, side, side), dtype=torch.uint8)
+        return torch.zeros((side, side, 3), dtype=torch.uint8)
     return {k: torch.zeros(tuple(c["input_size"]), dtype=torch.float32) for k, c in ref_configs.items()}
 
 
 class _Collate:
-    def __init__(self, mode: str, side: int, ref_configs: dict):
-        self.mode, self.side, self.ref_configs = mode, side, ref_configs
+    def __init__(self, mode: str, side: int, ref_configs: dict, decode: str = "cpu"):
+        self.mode, self.side, self.ref_configs, self.decode = mode, side, ref_configs, decode
 
     def __call__(self, items):
         rows = np.asarray([it[0] for it in items], dtype=np.int64)
         errors = [(it[0], it[2]) for it in items if it[2] is not None]
         pay = [it[1] if it[1] is not None else _placeholder(self.mode, self.side, self.ref_configs) for it in items]
-        if self.mode == "fast":
-            batch = torch.stack(pay)
-        else:
-            batch = {k: torch.stack([p[k] for p in pay]) for k in self.ref_configs}
-        return rows, batch, errors
+        if self.mode != "fast":
+            return rows, {k: torch.stack([p[k] for p in pay]) for k in self.ref_configs}, errors
+        if self.decode != "gpu":  # stacked HWC squares, seen as NCHW: channels_last, no copy
+            return rows, torch.stack(pay).permute(0, 3, 1, 2), errors
+        sq_pos = [i for i, p in enumerate(pay) if p.ndim == 3]
+        jp_pos = [i for i, p in enumerate(pay) if p.ndim == 1]
+        squares = torch.stack([pay[i] for i in sq_pos]).permute(0, 3, 1, 2) if sq_pos else None
+        data = torch.cat([pay[i] for i in jp_pos]) if jp_pos else None
+        offsets = np.concatenate([[0], np.cumsum([len(pay[i]) for i in jp_pos])]).astype(int).tolist()
+        return rows, _RawBatch(len(pay), squares, sq_pos, data, offsets, jp_pos), errors
 
 
 class _ShardBatchSampler(Sampler):
-    """Batches of dataset positions that never cross a shard boundary."""
+    """Batches of global row ids that never cross a shard boundary, generated lazily (no list
+    over all rows: a rank of a 100M-image run iterates tens of millions of rows)."""
 
     def __init__(self, ranges: Sequence[tuple[int, int]], batch_size: int):
-        self.batches = []
-        pos = 0
-        for start, stop in ranges:
-            n = stop - start
-            for b in range(0, n, batch_size):
-                self.batches.append(list(range(pos + b, pos + min(b + batch_size, n))))
-            pos += n
+        self.ranges, self.batch_size = list(ranges), batch_size
 
     def __iter__(self):
-        return iter(self.batches)
+        for start, stop in self.ranges:
+            for b in range(start, stop, self.batch_size):
+                yield list(range(b, min(b + self.batch_size, stop)))
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return sum(-(-(stop - start) // self.batch_size) for start, stop in self.ranges)
+
+
+def _to_device_batch(batch, rows: np.ndarray, errors: list, dev: torch.device, side: int,
+                     source: Source) -> torch.Tensor:
+    """The batch's (B, 3, R, R) uint8 squares on the device (moved there once).
+
+    For a :class:`_RawBatch`, the JPEGs are decoded on the device in one call; a file the
+    device decoder rejects is decoded by Pillow here (or recorded in ``errors``)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dev, non_blocking=True)
+    out = torch.zeros((batch.n, 3, side, side), dtype=torch.uint8, device=dev).contiguous(
+        memory_format=torch.channels_last)
+    if batch.square_pos:
+        out[torch.as_tensor(batch.square_pos, device=dev)] = batch.squares.to(dev, non_blocking=True)
+    jpegs = batch.jpegs
+    if jpegs:
+        squares, failures = squares_from_jpeg_bytes(jpegs, side, dev)
+        ok = [i for i, s in enumerate(squares) if s is not None]
+        if ok:
+            pos = torch.as_tensor([batch.jpeg_pos[i] for i in ok], device=dev)
+            out[pos] = torch.stack([squares[i] for i in ok])
+        for i in failures:
+            j = batch.jpeg_pos[i]
+            row = int(rows[j])
+            name = source.paths[row] if isinstance(source, FileSource) else str(row)
+            try:
+                sq = decode_square(jpegs[i].numpy().tobytes(), side, name=name)
+            except ImageDecodeError as e:
+                errors.append((row, str(e)))
+                continue
+            out[j] = torch.from_numpy(np.array(sq, order="C")).permute(2, 0, 1).to(dev)
+    return out
+
+
+# --------------------------------------------------------------------------- models
+def fold_batchnorm(model: torch.nn.Module, input_size: Sequence[int]) -> torch.nn.Module:
+    """A copy of an eval-mode CNN with each BatchNorm folded into the convolution before it
+    (``torch.fx``), or the model itself when it has no BatchNorm, cannot be traced, or the
+    folded copy does not reproduce it on a random input. Saves a full pass over every
+    activation map per BatchNorm: 10-35% of a ResNet's CPU forward time."""
+    if model.training or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(model, inplace=False)
+        p = next(model.parameters())
+        x = torch.randn((2, *input_size), generator=torch.Generator().manual_seed(0)).to(p.device)
+        with torch.inference_mode():
+            want, got = model(x).float(), folded(x).float()
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max())):
+            return model
+        return folded
+    except Exception:  # noqa: BLE001 - untraceable model: run it as it is
+        return model
+
+
+def inference_model(lb: LoadedBackbone, channels_last: bool = True) -> torch.nn.Module:
+    """The module extraction runs for a loaded backbone: BatchNorm folded, channels_last."""
+    model = fold_batchnorm(lb.model, lb.data_config["input_size"])
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+class _Forward:
+    """A backbone's forward: eager, or ``torch.compile``d with static shapes (a short last
+    batch is zero-padded to the batch size, so one graph serves every batch). If compiling
+    fails on the first batch the model runs eagerly, with a warning."""
+
+    def __init__(self, key: str, model: torch.nn.Module, compile, batch_size: int,
+                 channels_last: bool):
+        self.key, self.model, self.batch_size, self.channels_last = key, model, batch_size, channels_last
+        self.compiled = None
+        self.calls = 0
+        if compile:
+            backend = "inductor" if compile is True else compile
+            try:
+                self.compiled = torch.compile(model, backend=backend, dynamic=False)
+            except Exception as e:  # noqa: BLE001 - e.g. an unknown backend name
+                raise ConfigError(f"--compile: {key}: {type(e).__name__}: {str(e)[:300]}") from e
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.compiled is None:
+            return self.model(x)
+        n = x.shape[0]
+        if n < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            return self.compiled(x)[:n]
+        except Exception as e:  # noqa: BLE001 - no compiler, unsupported op, ...
+            if self.calls > 1:
+                raise
+            _say(f"{self.key}: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
+            self.compiled = None
+            return self.model(x[:n])
 
 
 # --------------------------------------------------------------------------- writing shards
@@ -188,11 +425,63 @@ class _ShardWriterThread:
             raise self.error
 
 
+class _ShardAssembler:
+    """Fills one shard buffer per backbone from retired batches (in row order) and hands each
+    complete shard to the writer. At most one shard's buffers are open at a time."""
+
+    def __init__(self, work: Sequence[tuple[int, int]], todo: dict, dims: dict, sink: _ShardWriterThread,
+                 result: ExtractResult):
+        self.work, self.starts = list(work), [s for s, _ in work]
+        self.todo, self.dims, self.sink, self.result = todo, dims, sink, result
+        self.cur: tuple[int, int] | None = None
+        self.buffers: dict = {}
+        self.errors: list = []
+        self.filled = 0
+        self.max_open_rows = 0  # instrumentation: rows held in open shard buffers, at most
+
+    def shard_of(self, row: int) -> tuple[int, int]:
+        shard = self.work[bisect.bisect_right(self.starts, row) - 1]
+        assert shard[0] <= row < shard[1]
+        return shard
+
+    def add(self, rows: np.ndarray, outs: dict, errors: list) -> None:
+        shard = self.shard_of(int(rows[0]))
+        start, stop = shard
+        if shard != self.cur:
+            if self.cur is not None:
+                raise RuntimeError(f"shard {self.cur} left incomplete before {shard}")
+            self.cur, self.filled, self.errors = shard, 0, []
+            self.buffers = {k: np.empty((stop - start, self.dims[k]), dtype=np.float32) for k in self.todo[shard]}
+            self.max_open_rows = max(self.max_open_rows, sum(len(b) for b in self.buffers.values()))
+        for key, arr in outs.items():
+            self.buffers[key][rows - start] = arr
+        self.errors.extend(errors)
+        self.filled += len(rows)
+        if self.filled == stop - start:
+            err_rows = [r for r, _ in self.errors]
+            msgs = [m for _, m in self.errors]
+            for key, buf in self.buffers.items():
+                if err_rows:
+                    buf[np.asarray(err_rows) - start] = np.nan
+                self.sink.submit(key, start, stop, buf, err_rows, msgs)
+                self.result.shards_written += 1
+            self.cur, self.buffers, self.errors = None, {}, []
+
+
 # --------------------------------------------------------------------------- the loop
-def _rank_slice(items: list, rank: int, world_size: int) -> list:
-    """Contiguous block of ``items`` for one rank (uneven blocks are fine; no padding)."""
+def _rank_slice(items: list, rank: int, world_size: int, weights: Sequence[float] | None = None) -> list:
+    """Contiguous block of ``items`` for one rank (uneven blocks are fine; no padding).
+
+    With ``weights`` (e.g. rows x backbones still to compute per shard) the blocks are cut at
+    equal cumulative weight, so ranks of a resumed or extended run finish together."""
     n = len(items)
-    lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
+    if weights is None:
+        lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size
+        return items[lo:hi]
+    before = np.concatenate([[0.0], np.cumsum(np.asarray(weights, dtype=np.float64))])[:-1]
+    total = float(np.sum(weights))
+    lo = int(np.searchsorted(before, total * rank / world_size, side="left"))
+    hi = int(np.searchsorted(before, total * (rank + 1) / world_size, side="left")) if rank + 1 < world_size else n
     return items[lo:hi]
 
 
@@ -213,7 +502,11 @@ def extract(
     precision: str = "auto",
     batch_size: int = 64,
     workers: int | None = None,
+    threads: int | None = None,
     preprocess: str = "fast",
+    decode: str = "auto",
+    compile=False,
+    channels_last: bool = True,
     dtype: str = "float16",
     shard_rows: int = DEFAULT_SHARD_ROWS,
     compression: str | None = None,
@@ -228,6 +521,10 @@ def extract(
     Re-running after an interruption skips the shards that exist; adding a backbone to an
     existing cache extracts only that backbone. With ``world_size > 1`` this process handles a
     contiguous block of the missing shards (see :mod:`featstack.distributed`).
+
+    ``decode``: auto | cpu | gpu (batched nvjpeg on the CUDA device). ``compile``: True for
+    ``torch.compile`` (inductor), or a ``torch.compile`` backend (name or callable). ``threads``: torch intra-op threads while
+    extracting on a CPU (default: the cores left after the decode workers).
     """
     t0 = time.perf_counter()
     if preprocess not in PREPROCESS_MODES:
@@ -241,6 +538,8 @@ def extract(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     source = open_source(source) if isinstance(source, (str, os.PathLike)) else source
+    decode_on = resolve_decode(decode, dev, source, preprocess)
+    workers, threads = resolve_parallelism(dev, workers, threads, decode_on)
 
     # 1. every backbone resolved and loaded before any image is read
     weights_files = dict(weights_files or {})
@@ -267,28 +566,43 @@ def extract(
     todo: dict[tuple[int, int], list[str]] = {}
     n_total_shards = 0
     for key, lb in loaded.items():
-        meta = dict(lb.metadata(), preprocess=preprocess, dtype=dtype)
+        # decode (cpu/gpu) changes pixels slightly: part of the fingerprint, so a resume never
+        # mixes shards decoded differently within one backbone's matrix
+        meta = dict(lb.metadata(), preprocess=preprocess, dtype=dtype, decode=decode_on)
         missing = writer.plan_backbone(meta, shard_rows=rows_per_shard, overwrite=overwrite)
         n_total_shards += -(-len(source) // rows_per_shard)
         for r in missing:
             todo.setdefault(r, []).append(key)
     if rank == 0:
         barrier()
-    work = _rank_slice(sorted(todo), rank, world_size)
-    result = ExtractResult(cache_path=str(cache_path), n_samples=len(source), device=str(dev), precision=prec)
+    shards = sorted(todo)
+    work = _rank_slice(shards, rank, world_size, weights=[(e - s) * len(todo[(s, e)]) for s, e in shards])
+    result = ExtractResult(cache_path=str(cache_path), n_samples=len(source), device=str(dev), precision=prec,
+                           decode=decode_on, workers=workers, threads=threads)
     result.shards_skipped = n_total_shards - sum(len(v) for v in todo.values())
 
     devname = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (no CUDA device available)" \
         if not torch.cuda.is_available() else "CPU"
     who = f"rank {rank}/{world_size}, " if world_size > 1 else ""
-    _say(f"{who}device {dev} [{devname}], precision {prec}, preprocess {preprocess}, "
-         f"{len(source)} samples, backbones {', '.join(keys)}")
+    par = f"{workers} decode workers" + (f", {threads} torch threads" if threads else "")
+    _say(f"{who}device {dev} [{devname}], precision {prec}, preprocess {preprocess}, decode {decode_on}, "
+         f"{par}{', compiled' if compile else ''}, {len(source)} samples, backbones {', '.join(keys)}")
     if not work:
         _say(f"{who}nothing to extract: every shard exists ({result.shards_skipped} skipped)")
     else:
-        _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, workers,
-             compression, progress, result, who)
+        old_threads = torch.get_num_threads()
+        if threads and dev.type == "cpu":
+            torch.set_num_threads(threads)
+        try:
+            _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, workers,
+                 compression, progress and rank == 0, result, who, decode_on, compile, channels_last)
+        finally:
+            torch.set_num_threads(old_threads)
     barrier()  # every rank's shards are on disk before the index is built
+    if world_size > 1:  # job totals (throughput stays this rank's own)
+        result.rank_rows_processed = result.rows_processed
+        result.rows_processed, result.shards_written, result.errors = all_sum(
+            [result.rows_processed, result.shards_written, result.errors])
     if finalize and rank == 0:
         _write_stats(writer, result)
         writer.finalize()
@@ -307,69 +621,106 @@ def _cached_keys(writer: CacheWriter) -> list[str]:
     return keys
 
 
+class _Pending(NamedTuple):
+    rows: np.ndarray
+    outs: dict      # key -> float32 host tensor (being copied asynchronously on CUDA)
+    errors: list
+    done: object    # torch.cuda.Event or None
+    timing: dict    # key -> seconds (float) or (start, end) CUDA events
+
+
+def _make_loader(source, work, preprocess, side, configs, decode_on, batch_size, workers, dev):
+    dataset = _DecodeDataset(source, preprocess, side, configs, decode_on)
+    # In flight: about 8 batches ahead of the device, however many workers decode them.
+    prefetch = max(2, -(-8 // workers)) if workers > 0 else None
+    return DataLoader(
+        dataset, batch_sampler=_ShardBatchSampler(work, batch_size), num_workers=workers,
+        collate_fn=_Collate(preprocess, side, configs, decode_on), pin_memory=dev.type == "cuda",
+        prefetch_factor=prefetch, persistent_workers=False)  # one pass: nothing to persist for
+
+
 def _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, workers,
-         compression, progress, result, who) -> None:
+         compression, progress, result, who, decode_on="cpu", compile=False, channels_last=True) -> None:
     from tqdm.auto import tqdm
 
     configs = {k: lb.data_config for k, lb in loaded.items()}
     side = decode_resolution(list(configs.values()))
-    rows = np.concatenate([np.arange(s, e) for s, e in work]).astype(np.int64)
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1)
-    dataset = _DecodeDataset(source, rows, preprocess, side, configs)
-    loader = DataLoader(
-        dataset, batch_sampler=_ShardBatchSampler(work, batch_size), num_workers=workers,
-        collate_fn=_Collate(preprocess, side, configs), pin_memory=dev.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
-    channels_last = dev.type == "cuda"
+    loader = _make_loader(source, work, preprocess, side, configs, decode_on, batch_size, workers, dev)
+    cuda = dev.type == "cuda"
     prep = {k: DevicePreprocessor(c, dev, channels_last) for k, c in configs.items()}
-    if channels_last:
-        for lb in loaded.values():
-            lb.model.to(memory_format=torch.channels_last)
+    fwd = {k: _Forward(k, inference_model(lb, channels_last), compile, batch_size, channels_last)
+           for k, lb in loaded.items()}
+    result.compiled = bool(compile)
     fwd_seconds = {k: 0.0 for k in loaded}
     fwd_rows = {k: 0 for k in loaded}
     thread = _ShardWriterThread(writer, compression)
-    shard_iter = iter(work)
-    cur = None
-    bar = tqdm(total=len(rows), unit="img", desc=f"extract {who}".strip(), disable=not progress,
+    assembler = _ShardAssembler(work, todo, {k: lb.dim for k, lb in loaded.items()}, thread, result)
+    n_rows = sum(e - s for s, e in work)
+    bar = tqdm(total=n_rows, unit="img", desc=f"extract {who}".strip(), disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
+
+    def retire(p: _Pending) -> None:
+        if p.done is not None:
+            p.done.synchronize()
+        outs = {}
+        for key, out in p.outs.items():
+            out = out.numpy()
+            if out.shape != (len(p.rows), loaded[key].dim):
+                raise RuntimeError(f"{key}: model output shape {out.shape}, expected "
+                                   f"({len(p.rows)}, {loaded[key].dim})")
+            outs[key] = out
+            t = p.timing[key]
+            if t is not None:  # None: a compiling first call, not a measure of throughput
+                fwd_seconds[key] += t[0].elapsed_time(t[1]) / 1000.0 if isinstance(t, tuple) else t
+                fwd_rows[key] += len(p.rows)
+        assembler.add(p.rows, outs, p.errors)
+        result.rows_processed += len(p.rows)
+        result.errors += len(p.errors)
+        bar.update(len(p.rows))
+        if p.errors:
+            bar.set_postfix(errors=result.errors)
+
+    pending: _Pending | None = None
     try:
         for batch_rows, batch, errors in loader:
-            if cur is None or batch_rows[0] >= cur[1]:
-                cur = next(shard_iter)
-                start, stop = cur
-                buffers = {k: np.empty((stop - start, loaded[k].dim), dtype=np.float32) for k in todo[cur]}
-                shard_errors: list = []
-                filled = 0
-            x_dev = batch.to(dev, non_blocking=True) if preprocess == "fast" else None
-            for key in todo[cur]:
-                tf = time.perf_counter()
-                x = prep[key](x_dev) if preprocess == "fast" else batch[key].to(dev, non_blocking=True)
-                if channels_last and preprocess != "fast":
-                    x = x.contiguous(memory_format=torch.channels_last)
+            shard = assembler.shard_of(int(batch_rows[0]))
+            x_dev = _to_device_batch(batch, batch_rows, errors, dev, side, source) if preprocess == "fast" else None
+            outs, timing = {}, {}
+            for key in todo[shard]:
+                if cuda:
+                    ev0 = torch.cuda.Event(enable_timing=True)
+                    ev0.record()
+                else:
+                    tf = time.perf_counter()
+                if preprocess == "fast":
+                    x = prep[key](x_dev)
+                else:
+                    x = batch[key].to(dev, non_blocking=True)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
                 with torch.inference_mode(), autocast_context(dev, prec):
-                    out = loaded[key].model(x)
-                out = out.float().cpu().numpy()
-                fwd_seconds[key] += time.perf_counter() - tf
-                fwd_rows[key] += len(batch_rows)
-                if out.shape != (len(batch_rows), loaded[key].dim):
-                    raise RuntimeError(f"{key}: model output shape {out.shape}, expected "
-                                       f"({len(batch_rows)}, {loaded[key].dim})")
-                buffers[key][batch_rows - start] = out
-            shard_errors.extend(errors)
-            filled += len(batch_rows)
-            result.rows_processed += len(batch_rows)
-            result.errors += len(errors)
-            bar.update(len(batch_rows))
-            if errors:
-                bar.set_postfix(errors=result.errors)
-            if filled == stop - start:
-                err_rows = [r for r, _ in shard_errors]
-                for key, buf in buffers.items():
-                    if err_rows:
-                        buf[np.asarray(err_rows) - start] = np.nan
-                    thread.submit(key, start, stop, buf, err_rows, [m for _, m in shard_errors])
-                    result.shards_written += 1
+                    out = fwd[key](x)
+                # Asynchronous copy back (into pinned memory on CUDA); read at retire time.
+                outs[key] = out.float().to("cpu", non_blocking=cuda)
+                if cuda:
+                    ev1 = torch.cuda.Event(enable_timing=True)
+                    ev1.record()
+                    timing[key] = (ev0, ev1)
+                else:
+                    timing[key] = time.perf_counter() - tf
+                if fwd[key].compiled is not None and fwd[key].calls == 1:
+                    timing[key] = None
+            done = None
+            if cuda:
+                done = torch.cuda.Event()
+                done.record()
+            # Retire the previous batch only now: on a GPU, this batch is already queued.
+            if pending is not None:
+                retire(pending)
+            pending = _Pending(batch_rows, outs, errors, done, timing)
+        if pending is not None:
+            retire(pending)
+            pending = None
     finally:
         bar.close()
         thread.close()

@@ -49,7 +49,7 @@ FEATURE_DTYPE = "float32"
 # cache's own backbone fingerprint, this leaves out the dataset (a model trained on one cache is
 # meant to predict on others) and the storage dtype (float16 vs float32 storage of the same
 # extractor differs by rounding only).
-FEATURE_FINGERPRINT_FIELDS = ("key", "timm_name", "weights_sha256", "data_config", "preprocess", "dim")
+FEATURE_FINGERPRINT_FIELDS = ("key", "timm_name", "weights_sha256", "data_config", "preprocess", "decode", "dim")
 
 # Every type a saved head/fusion may contain. Loading refuses a file holding any other type,
 # before building a single object from it (skops resolves types by name; this list is the

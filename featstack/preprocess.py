@@ -8,16 +8,30 @@ resolution R large enough for every backbone; then per backbone, on the device, 
 centre-crop ``crop_pct * R``, resize (antialiased, the model's interpolation) to its input size,
 normalize with its mean/std. timm's own ``create_transform`` stays available as the reference
 path (``preprocess="reference"``); tests check the two agree.
+
+Decoding, the costly step, has two implementations:
+
+* CPU (DataLoader workers): Pillow, with JPEG DCT-domain downscaling (``Image.draft``) when the
+  file is much larger than R, so a 12-megapixel photo is decoded at 1/2, 1/4 or 1/8 scale
+  (never below R) instead of in full;
+* device (``--decode gpu``): workers only read the file bytes; the main process decodes a
+  whole batch of JPEGs at once with ``torchvision.io.decode_jpeg(list, device="cuda")``
+  (nvjpeg), then centre-squares and resizes each image on the device. Files that are not plain
+  baseline RGB/grayscale JPEGs without EXIF rotation (PNG, CMYK, rotated photos) are decoded by
+  Pillow in the worker instead, and so is any file nvjpeg rejects.
 """
 from __future__ import annotations
 
+import io
 import math
+import os
+import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 PREPROCESS_MODES = ("fast", "reference")
 _TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest",
@@ -45,8 +59,115 @@ def center_square(img: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(pil, dtype=np.uint8)
 
 
+def _square_from_pil(img: Image.Image, side: int) -> np.ndarray:
+    from .data import to_rgb_array
+
+    if img.format == "JPEG" and img.mode in ("RGB", "L", "YCbCr"):
+        w, h = img.size
+        s = min(w, h)
+        # DCT-domain downscaling by 1/2, 1/4 or 1/8, never below what the centre square needs.
+        img.draft(img.mode, (math.ceil(side * w / s), math.ceil(side * h / s)))
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    return center_square(to_rgb_array(img), side)
+
+
+def decode_square(src: "str | os.PathLike | bytes", side: int, name: str | None = None) -> np.ndarray:
+    """Decode an image file (path or bytes) straight to its ``side`` x ``side`` centre square.
+
+    Same result as ``center_square(data.decode_image(path), side)`` except that a large JPEG is
+    decoded at a reduced scale first (see module doc); same errors (:class:`ImageDecodeError`).
+    """
+    from .data import ImageDecodeError
+
+    raw = isinstance(src, (bytes, bytearray, memoryview))
+    name = name or ("<bytes>" if raw else os.fspath(src))
+    try:
+        with Image.open(io.BytesIO(src) if raw else src) as img:
+            return _square_from_pil(img, side)
+    except FileNotFoundError as e:
+        raise ImageDecodeError(f"file not found: {name}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"cannot decode {name}: {e}") from e
+
+
+def is_plain_jpeg(data: bytes) -> bool:
+    """True when nvjpeg gives the same picture as Pillow: a JPEG in RGB/YCbCr or grayscale,
+    with no EXIF rotation (nvjpeg ignores EXIF orientation), ending with its end-of-image
+    marker (a truncated file goes to Pillow, which reports it). Reads the header only."""
+    if data[:3] != b"\xff\xd8\xff" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return False
+            return int(img.getexif().get(0x0112, 1) or 1) == 1
+    except Exception:  # noqa: BLE001 - anything odd goes to the Pillow path, which names the error
+        return False
+
+
+def gpu_jpeg_decode_available(device: torch.device | str) -> bool:
+    """Whether ``torchvision.io.decode_jpeg`` can decode on ``device`` (nvjpeg for CUDA)."""
+    device = torch.device(device)
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except Exception:  # noqa: BLE001 - torchvision missing or built without image ops
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_available())
+
+
+def _decode_jpegs(datas: list, device: torch.device) -> list:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image IO (for TorchCodec)
+        warnings.simplefilter("ignore")
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+
+def squares_from_jpeg_bytes(datas: Sequence[torch.Tensor], side: int, device: torch.device | str
+                            ) -> tuple[list, list]:
+    """Batch-decode JPEG byte tensors on ``device``; return (squares, failures).
+
+    ``squares[i]`` is a (3, side, side) uint8 tensor on ``device`` (the centre square, resized
+    antialiased bicubic like :func:`center_square`), or None when image i could not be decoded
+    there; ``failures`` lists those indices (the caller decodes them with Pillow instead). One
+    bad file does not lose the batch: nvjpeg fails whole batches, so they are retried one by one.
+    """
+    device = torch.device(device)
+    datas = list(datas)
+    try:
+        imgs = _decode_jpegs(datas, device) if datas else []
+    except Exception:  # noqa: BLE001 - retry one by one to isolate the bad file(s)
+        imgs = []
+        for d in datas:
+            try:
+                imgs.append(_decode_jpegs([d], device)[0])
+            except Exception:  # noqa: BLE001
+                imgs.append(None)
+    squares, failures = [], []
+    for i, img in enumerate(imgs):
+        if img is None or img.ndim != 3 or img.shape[0] != 3:
+            squares.append(None)
+            failures.append(i)
+            continue
+        h, w = img.shape[-2:]
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        x = img[:, top:top + s, left:left + s]
+        if s != side:
+            x = F.interpolate(x[None].float(), size=(side, side), mode="bicubic", align_corners=False,
+                              antialias=True)[0].clamp_(0, 255).round_().to(torch.uint8)
+        squares.append(x)
+    return squares, failures
+
+
 class DevicePreprocessor:
-    """Batched crop/resize/normalize of uint8 squares for one backbone, on any device."""
+    """Batched crop/resize/normalize of uint8 squares for one backbone, on any device.
+
+    Input (B, 3, R, R) uint8 in any memory format; the loader hands over channels_last batches
+    (stacked HWC squares, permuted: no copy), so the crop is a view, the float conversion
+    touches only the cropped pixels and keeps the layout, and the normalization is in place.
+    """
 
     def __init__(self, data_config: dict, device: torch.device | str = "cpu",
                  channels_last: bool = False):
@@ -54,11 +175,12 @@ class DevicePreprocessor:
         self.crop_pct = float(data_config.get("crop_pct") or 1.0)
         self.mode = _TORCH_MODES.get(str(data_config.get("interpolation", "bilinear")), "bilinear")
         self.mean = torch.tensor(data_config["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(data_config["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(data_config["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+                              * 255.0)
         self.channels_last = channels_last
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, R, R) uint8 -> (B, 3, H, W) float32 normalized."""
+        """(B, 3, R, R) uint8 -> (B, 3, H, W) float32 normalized (a new tensor)."""
         r = batch.shape[-1]
         side = max(1, min(r, round(r * self.crop_pct)))
         off = (r - side) // 2
@@ -69,8 +191,9 @@ class DevicePreprocessor:
                               **({"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}), **kw)
             if self.mode == "bicubic":  # bicubic overshoots; keep the uint8 range like PIL does
                 x = x.clamp_(0.0, 255.0)
-        x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.contiguous(memory_format=fmt)  # a no-op when the layout is already right
+        return x.sub_(self.mean).mul_(self.inv_std)
 
 
 def reference_transform(data_config: dict):

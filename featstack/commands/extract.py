@@ -28,9 +28,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: min(4, cores))")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image decoding processes (default: on a GPU, up to 8 per rank; on a CPU, one per "
+                        "8 cores, the others are torch's: below 8 cores the main process decodes)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads when extracting on a CPU (default: the cores left after "
+                        "the decode workers, or OMP_NUM_THREADS when set; torchrun sets 1)")
     p.add_argument("--preprocess", default="fast", choices=["fast", "reference"],
                    help="fast = decode once, resize on the device; reference = timm's create_transform")
+    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where JPEGs are decoded: gpu = batched nvjpeg on the CUDA device "
+                        "(torchvision.io.decode_jpeg), cpu = Pillow in the workers; auto = gpu when "
+                        "on CUDA with JPEG files, else cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each model before extracting (slow start, faster steady state)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
     p.add_argument("--shard-rows", type=int, default=1024, help="rows per shard file (the unit of resume)")
     p.add_argument("--compression", default=None, choices=["lzf", "gzip"], help="HDF5 compression of shards")
@@ -66,7 +77,8 @@ def run(args) -> int:
             args.data, backbones, cache, weights=args.weights,
             weights_files=parse_weights_files(args.weights_file), input_size=args.input_size,
             seed=args.seed, device=args.device, precision=args.precision, batch_size=args.batch_size,
-            workers=args.workers, preprocess=args.preprocess, dtype=args.dtype,
+            workers=args.workers, threads=args.threads, preprocess=args.preprocess, decode=args.decode,
+            compile=args.compile, dtype=args.dtype,
             shard_rows=args.shard_rows, compression=args.compression, overwrite=args.overwrite,
             progress=not args.no_progress, rank=rank, world_size=world)
     if rank == 0:
