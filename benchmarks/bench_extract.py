@@ -47,27 +47,11 @@ N_CLASSES = 10
 
 # --------------------------------------------------------------------------- images
 def _base_images(n: int, seed: int):
-    from PIL import Image, ImageDraw, ImageFilter
+    from featstack.data import synthetic_photo
 
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        h, w = SIZES[i % len(SIZES)]
-        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-        hue = rng.uniform(0, 6.28)
-        base = np.stack([120 + 80 * np.sin(x / w * np.pi + hue) * (y / h),
-                         100 + 60 * np.cos(y / h * np.pi + hue / 2),
-                         140 + 70 * (x / w) * np.cos(hue)], axis=-1)
-        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for _ in range(6):
-            cx, cy = rng.integers(0, w), rng.integers(0, h)
-            rx, ry = rng.integers(w // 12, w // 3), rng.integers(h // 12, h // 3)
-            color = tuple(int(c) for c in rng.integers(0, 255, 3))
-            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-            shape([cx - rx, cy - ry, cx + rx, cy + ry], fill=color)
-        out.append(np.asarray(img.filter(ImageFilter.GaussianBlur(radius=1.5)), dtype=np.int16))
-    return out
+    return [np.asarray(synthetic_photo(rng, *SIZES[i % len(SIZES)], shapes=6), dtype=np.int16)
+            for i in range(n)]
 
 
 def _write_chunk(args):

@@ -17,7 +17,14 @@ _LAZY = {
     "list_heads": ("featstack.heads", "list_heads"),
     "load_model": ("featstack.models", "load_model"),
     "run_bench": ("featstack.bench", "run_bench"),
+    "train_model": ("featstack.models", "train_model"),
+    "build_model": ("featstack.fusion", "build_model"),
+    "export_head": ("featstack.export", "export_head"),
+    "export_model": ("featstack.export", "export_model"),
+    "FeatstackNet": ("featstack.export", "FeatstackNet"),
     "load_network": ("featstack.export", "load_network"),
+    "finetune": ("featstack.finetune", "finetune"),
+    "run_pipeline": ("featstack.pipeline", "run_pipeline"),
 }
 
 __all__ = ["__version__", *_LAZY]

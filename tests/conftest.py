@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
+
+from featstack.data import synthetic_photo  # noqa: F401  (re-exported for the tests)
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # One BLAS thread per test process: on a busy 2-core machine OpenBLAS threads spin against each
@@ -16,30 +18,6 @@ from threadpoolctl import threadpool_limits  # noqa: E402  (after the variable, 
 
 threadpool_limits(1, user_api="blas")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def synthetic_photo(rng: np.random.Generator, h: int = 96, w: int = 128, hue: int = 0) -> Image.Image:
-    """A smooth, photo-like RGB image: a colour gradient sky, a few soft shapes, mild blur.
-
-    Noise images make every preprocessing difference look large; these behave like photos.
-    """
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([
-        120 + 80 * np.sin(x / w * np.pi + hue) * (y / h),
-        100 + 60 * np.cos(y / h * np.pi + hue / 2),
-        140 + 70 * (x / w) * np.cos(hue),
-    ], axis=-1)
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(4):
-        cx, cy = rng.integers(0, w), rng.integers(0, h)
-        rx, ry = rng.integers(w // 10, w // 3), rng.integers(h // 10, h // 3)
-        color = tuple(int(c) for c in rng.integers(0, 255, 3))
-        if rng.random() < 0.5:
-            draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=color)
-        else:
-            draw.rectangle([cx - rx, cy - ry, cx + rx, cy + ry], fill=color)
-    return img.filter(ImageFilter.GaussianBlur(radius=1.5))
 
 
 def write_image_folder(root: Path, *, classes=("cat", "dog", "fox"), per_class: dict | None = None,
