@@ -397,8 +397,8 @@ def _stage_train(p: Pipeline, res: PipelineResult, cache, rows) -> Path:
              "seed": t["seed"], "fingerprints": _fingerprints(cache, backbones), "dataset": cache.dataset_fingerprint}
     res.best = {"backbones": "+".join(backbones), "head": head, "fusion": fusion}
     if _stamp_matches(out / "pipeline.stamp.json", stamp):
-        try:
-            load_model(out)
+        try:  # the saved model must still accept this cache (fingerprints), else retrain
+            load_model(out).check_cache(cache)
             res.stages["train"] = "skipped"
             _say(f"train: skipped, {out} is up to date")
             return out

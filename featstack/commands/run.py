@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+from pathlib import Path
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -12,6 +14,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "extraction.")
     p.add_argument("pipeline", help="pipeline file, e.g. pipelines/demo.yaml")
     p.add_argument("--check", action="store_true", help="only validate the file and exit")
+    p.add_argument("--top", type=int, default=5, help="bench rows to print at the end (default 5)")
     return p
 
 
@@ -24,6 +27,7 @@ def run(args) -> int:
               f"{', '.join(s for s, v in p.stages.items() if v is not None)})")
         return 0
     res = run_pipeline(args.pipeline)
+    _print_top(Path(res.out) / "results.csv", args.top)
     print("stages   " + ", ".join(f"{k} {v}" for k, v in res.stages.items()))
     print(f"cache    {res.cache}")
     if res.best:
@@ -35,3 +39,18 @@ def run(args) -> int:
     if res.report:
         print(f"report   {res.report}")
     return 0
+
+
+def _print_top(results: Path, n: int) -> None:
+    """The first rows of the ranked bench table, so the answer is on screen without the report."""
+    if n <= 0 or not results.is_file():
+        return
+    with open(results, newline="") as fh:
+        rows = list(csv.DictReader(fh))[:n]
+    if not rows:
+        return
+    print(f"{'rank':>4}  {'backbones':<32} {'head':<14} {'fusion':<7} {'cv acc':>14} {'test acc':>8}")
+    for r in rows:
+        cv = f"{float(r['cv_accuracy_mean']):.4f}±{float(r['cv_accuracy_std']):.4f}"
+        test = f"{float(r['test_accuracy']):.4f}" if r.get("test_accuracy") not in (None, "", "nan") else "-"
+        print(f"{r.get('rank', ''):>4}  {r['backbones']:<32} {r['head']:<14} {r['fusion']:<7} {cv:>14} {test:>8}")
