@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import uuid
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_paths
 from .errors import BackboneError, ConfigError, FeatstackError, read_format_json
 
 NETWORK_FORMAT = "featstack-network"
@@ -1050,18 +1050,10 @@ def save_network(net: FeatstackNet, out_dir: str | os.PathLike, *, extra: dict |
         info["weights_sha256"] = state_dict_sha256(model)
     cfg.update(getattr(net, "extra", {}) or {})
     cfg.update(extra or {})
-    tag = uuid.uuid4().hex
-    tmp_t = out / f".{NETWORK_TENSORS}.{tag}.tmp"
-    tmp_j = out / f".{NETWORK_JSON}.{tag}.tmp"
-    try:
+    with atomic_paths(out / NETWORK_TENSORS, out / NETWORK_JSON) as (tmp_t, tmp_j):
         save_file(state, str(tmp_t), metadata={"format": NETWORK_FORMAT})
         cfg["tensors_sha256"] = _sha256_file(tmp_t)
         tmp_j.write_text(json.dumps(cfg, indent=1, default=str) + "\n")
-        os.replace(tmp_t, out / NETWORK_TENSORS)
-        os.replace(tmp_j, out / NETWORK_JSON)
-    finally:
-        tmp_t.unlink(missing_ok=True)
-        tmp_j.unlink(missing_ok=True)
     net.meta = dict(cfg.get("meta", net.meta))
     return out
 

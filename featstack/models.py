@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import time
-import uuid
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import numpy as np
 
 from . import __version__
 from .cache import Cache, open_cache
+from .atomic import atomic_paths
 from .errors import CacheError, CacheMismatchError, ConfigError, DataError, FeatstackError, read_format_json
 from .fusion import FUSIONS, build_model, check_fusion, proba_from_prediction, stack_method
 from .heads import head_spec
@@ -411,17 +411,9 @@ def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
     if hasattr(saved.estimator, "classes_"):
         meta["labels"] = [int(c) for c in saved.estimator.classes_]
     sio = _skops_io()
-    tag = uuid.uuid4().hex
-    tmp_est = path / f".{ESTIMATOR_FILE}.{tag}.tmp"
-    tmp_meta = path / f".{META_FILE}.{tag}.tmp"
-    try:
+    with atomic_paths(path / ESTIMATOR_FILE, path / META_FILE) as (tmp_est, tmp_meta):
         sio.dump(saved.estimator, tmp_est)
         tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp_est, path / ESTIMATOR_FILE)
-        os.replace(tmp_meta, path / META_FILE)
-    finally:
-        tmp_est.unlink(missing_ok=True)
-        tmp_meta.unlink(missing_ok=True)
     saved.meta, saved.path = meta, path
     return path
 

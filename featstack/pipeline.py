@@ -349,6 +349,11 @@ def _stamp_matches(path: Path, stamp: dict) -> bool:
         return False
 
 
+def _write_stamp(path: Path, stamp: dict) -> None:
+    """Record the settings + fingerprints a stage's output was made from (see _stamp_matches)."""
+    path.write_text(json.dumps({"stamp": stamp}, indent=1))
+
+
 def _fingerprints(cache, keys) -> dict:
     return {k: cache.backbone_info(k).get("fingerprint") for k in keys}
 
@@ -369,7 +374,7 @@ def _stage_bench(p: Pipeline, res: PipelineResult, cache) -> list[dict]:
     result = run_bench(cache, heads=b["heads"], fusions=b["fusions"], backbones=keys, max_size=b["max_size"],
                        cv=b["cv"], n_jobs=b["n_jobs"], random_state=b["seed"], tune=b["tune"], out=out,
                        backend=b["backend"], scheduler=b["scheduler"])
-    stamp_file.write_text(json.dumps({"stamp": stamp}, indent=1))
+    _write_stamp(stamp_file, stamp)
     res.stages["bench"] = "ran"
     return result.rows
 
@@ -406,7 +411,7 @@ def _stage_train(p: Pipeline, res: PipelineResult, cache, rows) -> Path:
             pass
     _say(f"train: {'+'.join(backbones)} / {head} / {fusion} → {out}")
     train_model(cache, backbones, head, fusion, out=out, tune=t["tune"], cv=t["cv"], random_state=t["seed"])
-    (out / "pipeline.stamp.json").write_text(json.dumps({"stamp": stamp}, indent=1))
+    _write_stamp(out / "pipeline.stamp.json", stamp)
     res.stages["train"] = "ran"
     return out
 
@@ -423,7 +428,7 @@ def _stage_export(p: Pipeline, res: PipelineResult, model_dir: Path) -> Path:
         return out
     kwargs = {"onnx": True} if e["onnx"] else {}
     export_model(model_dir, out, cache=p.cache, **kwargs)
-    (out / "pipeline.stamp.json").write_text(json.dumps({"stamp": stamp}, indent=1))
+    _write_stamp(out / "pipeline.stamp.json", stamp)
     res.stages["export"] = "ran"
     return out
 
