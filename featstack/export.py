@@ -979,6 +979,22 @@ def rebuild_backbone(info: dict, device: str | torch.device = "cpu") -> nn.Modul
     return lb.model
 
 
+def head_C(estimator) -> float | None:
+    """The regularisation constant C of a fitted head (the base head of a vote or stack, the
+    chosen one of a --tune search); None for heads without one (naive Bayes)."""
+    from sklearn.pipeline import Pipeline
+
+    est = estimator
+    blocks = getattr(est, "estimators_", None)
+    if blocks:
+        est = blocks[0]
+    est = getattr(est, "best_estimator_", est)
+    if isinstance(est, Pipeline):
+        est = est.steps[-1][1]
+    c = getattr(est, "C", None)
+    return float(c) if c is not None else None
+
+
 def build_network(saved, cache, *, head_dtype: torch.dtype | str = torch.float64,
                   device: str | torch.device = "cpu") -> FeatstackNet:
     """A FeatstackNet from a saved model (featstack.models.SavedModel) and the cache it was
@@ -1010,6 +1026,7 @@ def build_network(saved, cache, *, head_dtype: torch.dtype | str = torch.float64
         "sklearn_version": (saved.meta or {}).get("sklearn_version"),
         "train_accuracy": (saved.meta or {}).get("train_accuracy"),
         "test_accuracy": (saved.meta or {}).get("test_accuracy"),
+        "head_C": head_C(saved.estimator),
     }
     # names of the estimator's output columns (a class without training rows has none)
     classes = list(getattr(saved, "output_classes", None) or saved.classes)

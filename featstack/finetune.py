@@ -29,10 +29,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
-import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +45,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import BackboneError, ConfigError, DataError
-from .export import (NETWORK_JSON, FeatstackNet, LinearHead, _spec_from_info, decode_squares, load_network,
-                     read_network_config, save_network)
+from .export import (NETWORK_JSON, NETWORK_TENSORS, FeatstackNet, LinearHead, _spec_from_info, decode_squares,
+                     head_C, load_network, read_network_config, save_network)
 
 _FREEZE_RE = re.compile(r"^(head-only|none|top-(\d+))$")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -302,19 +302,60 @@ def init_from_source_classifier(net: FeatstackNet) -> dict:
 # Data
 # ============================================================================================
 
-class _Squares(Dataset):
-    """(uint8 square, class index) per row, decoded exactly as extraction decodes it; a row that
-    fails to decode yields None (dropped by the collate function, counted)."""
+#: named training augmentations: keyword arguments of timm's ``transforms_imagenet_train``
+#: (None = none). light: random resized crop keeping at least half the image, horizontal flip,
+#: mild colour jitter; randaugment: timm's default crop scale, flip and RandAugment (m9, mstd 0.5).
+AUGMENTS: dict[str, dict | None] = {
+    "none": None,
+    "light": {"scale": (0.5, 1.0), "hflip": 0.5, "color_jitter": 0.1},
+    "randaugment": {"hflip": 0.5, "auto_augment": "rand-m9-mstd0.5-inc1"},
+}
 
-    def __init__(self, source, rows: np.ndarray, targets: np.ndarray, side: int):
+
+def check_augment(name: str) -> str:
+    if name not in AUGMENTS:
+        raise ConfigError(f"--augment {name!r}: choose one of {', '.join(AUGMENTS)}")
+    return name
+
+
+def make_augmenter(name: str, side: int):
+    """timm's training transforms for ``name`` up to (not including) its ToTensor/Normalize, so
+    the result is a PIL image of ``side`` x ``side`` pixels: what the network's forward takes
+    (it normalises per backbone itself). None for ``none``."""
+    cfg = AUGMENTS[check_augment(name)]
+    if cfg is None:
+        return None
+    from timm.data.transforms_factory import transforms_imagenet_train
+    from torchvision import transforms
+
+    primary, secondary, _ = transforms_imagenet_train(side, interpolation="bicubic", separate=True, **cfg)
+    return transforms.Compose([primary, secondary])
+
+
+class _Squares(Dataset):
+    """(uint8 square, class index) per row, decoded exactly as extraction decodes it (or, with an
+    augmentation, the whole image through timm's training transforms to the same square size); a
+    row that fails to decode yields None (dropped by the collate function, counted)."""
+
+    def __init__(self, source, rows: np.ndarray, targets: np.ndarray, side: int, augment: str = "none"):
         self.source, self.rows, self.targets, self.side = source, rows, targets, side
+        self.augment = make_augmenter(augment, side)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _augmented(self, row: int) -> torch.Tensor:
+        from PIL import Image
+
+        img = self.augment(Image.fromarray(self.source.load(int(row))))
+        return torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
+
     def __getitem__(self, i: int):
         try:
-            sq = decode_squares(self.source, [self.rows[i]], self.side)[0]
+            if self.augment is not None:
+                sq = self._augmented(self.rows[i])
+            else:
+                sq = decode_squares(self.source, [self.rows[i]], self.side)[0]
         except Exception:  # noqa: BLE001 - a bad image is skipped, not fatal
             return None, int(self.targets[i])
         return sq, int(self.targets[i])
@@ -378,8 +419,12 @@ class FinetuneResult:
     freeze: dict = field(default_factory=dict)
     init: dict | None = None
     seconds: float = 0.0
-    #: the network after the last epoch (the best one is in ``out``)
+    #: the network after the last epoch (the selected one is in ``out``)
     net: FeatstackNet | None = None
+    selected_epoch: int = 0
+    test_accuracy: float | None = None
+    weight_decay: float = 0.0
+    warnings: list = field(default_factory=list)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -480,22 +525,127 @@ def _update_json(folder: Path, **sections) -> None:
     jfile = folder / NETWORK_JSON
     cfg = json.loads(jfile.read_text())
     cfg.update(sections)
-    tmp = folder / f".{NETWORK_JSON}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps(cfg, indent=1, default=str) + "\n")
-    os.replace(tmp, jfile)
+    _write_json(jfile, cfg)
+
+
+SELECT_MODES = ("best", "last")
+HISTORY_JSON = "history.json"
+HISTORY_FORMAT = "featstack-finetune-history"
+#: below this many validation images one image moves val accuracy by more than 2 points, so the
+#: per-epoch comparison that picks the kept network is mostly noise: finetune warns.
+MIN_VAL_IMAGES = 50
+
+
+def select_epoch(val_accuracies: Sequence[float], select: str = "best", min_improvement: float = 0.0) -> int:
+    """Which epoch to keep (0 = the exported network, before any training step).
+
+    ``last``: the final epoch. ``best``: the fine-tuned epoch with the highest validation
+    accuracy, ties going to the LATER epoch (equal accuracy after more training on the train
+    split is the better-fitted network, and a saturated val set, every epoch at 1.0, must not
+    throw the training away); it replaces the export only when it reaches the export's accuracy
+    plus ``min_improvement`` (0 by default: a tie already goes to the fine-tuned network).
+    """
+    if select not in SELECT_MODES:
+        raise ConfigError(f"--select {select!r}: choose one of {', '.join(SELECT_MODES)}")
+    if not min_improvement >= 0:
+        raise ConfigError(f"--min-improvement must be >= 0, got {min_improvement}")
+    accs = [float(a) for a in val_accuracies]
+    if not accs:
+        raise ConfigError("no epoch to select from")
+    last = len(accs) - 1
+    if select == "last" or last == 0:
+        return last
+    best_tuned = max(range(1, len(accs)), key=lambda e: (accs[e], e))
+    return best_tuned if accs[best_tuned] >= accs[0] + min_improvement else 0
+
+
+def head_regularization(net: FeatstackNet) -> float | None:
+    """C of the scikit-learn head the network was exported from: the value export recorded
+    (``meta.head_C``), else the saved model's, else the head registry's default; None when the
+    head has no C (naive Bayes)."""
+    meta = net.meta or {}
+    if "head_C" in meta:
+        return None if meta["head_C"] is None else float(meta["head_C"])
+    model_path = meta.get("model_path")
+    if model_path and Path(model_path).is_dir():
+        try:
+            from .models import load_model
+            return head_C(load_model(model_path).estimator)
+        except Exception:  # noqa: BLE001 - an unreadable model: fall back to the registry default
+            pass
+    head = meta.get("head")
+    if not head:
+        return None
+    from .heads import create_head
+    return create_head(head).get_params().get("clf__C")
+
+
+def derived_weight_decay(net: FeatstackNet, n_train: int) -> tuple[float, str]:
+    """AdamW weight decay equivalent to the head's own L2 penalty, and why.
+
+    scikit-learn minimises ``C * sum(loss) + ||w||^2 / 2``; divided by ``C * n`` that is the mean
+    loss fine-tuning minimises plus ``||w||^2 / (2 C n)``, whose gradient is ``w / (C n)``: the
+    decoupled decay that matches it is ``1 / (C n)`` over the ``n`` training images. Heads without
+    a weight penalty (naive Bayes) get 0.
+    """
+    c = head_regularization(net)
+    if c is None or not c > 0:
+        return 0.0, f"0: the {(net.meta or {}).get('head', 'exported')} head has no L2 penalty"
+    wd = 1.0 / (c * max(1, int(n_train)))
+    return wd, f"1 / (C x n) = 1 / ({c:g} x {int(n_train)}) from the head's regularisation"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def publish_selected(out: Path, chosen: Path, section: dict) -> None:
+    """Make ``out`` itself the chosen network (``out/best`` or ``out/last``): its tensors hard
+    linked (copied where links are not possible), its JSON with ``section`` as ``finetune``.
+    ``load_network(out)`` keeps loading the selected network, as before."""
+    from .atomic import atomic_paths
+
+    cfg = json.loads((chosen / NETWORK_JSON).read_text())
+    cfg["finetune"] = section
+    with atomic_paths(out / NETWORK_TENSORS, out / NETWORK_JSON) as (tmp_t, tmp_j):
+        _link_or_copy(chosen / NETWORK_TENSORS, tmp_t)
+        tmp_j.write_text(json.dumps(cfg, indent=1, default=str) + "\n")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from .atomic import atomic_paths
+
+    with atomic_paths(path) as (tmp,):
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def _test_rows(source, targets: np.ndarray) -> np.ndarray:
+    return np.flatnonzero((targets >= 0) & (np.asarray(source.samples.splits) == "test"))
 
 
 def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: float = 1e-3,
-             backbone_lr_scale: float = 0.1, weight_decay: float = 0.0, batch_size: int = 32,
+             backbone_lr_scale: float = 0.1, weight_decay: float | None = None, batch_size: int = 32,
              device: str = "auto", precision: str = "auto", init_from_source: bool = False,
              val_fraction: float = 0.1, seed: int = 0, workers: int | None = 0, bn: str = "frozen",
-             warmup: float = 0.0,
+             warmup: float = 0.0, select: str = "best", min_improvement: float = 0.0, augment: str = "none",
              progress: bool = True, train_rows: Sequence[int] | None = None) -> FinetuneResult:
-    """Fine-tune a network folder (or FeatstackNet) on a data source; the best epoch by
-    validation accuracy is saved to ``out`` as a network folder (see the module docstring).
+    """Fine-tune a network folder (or FeatstackNet) on a data source and save, in ``out``:
+
+    * ``out/best/`` and ``out/last/``: the best epoch (:func:`select_epoch`) and the last one,
+      each a network folder;
+    * ``out/network.*``: the selected one of the two (``select``), so ``out`` loads as before;
+    * ``out/history.json``: per epoch the train loss, val accuracy and learning rates, the
+      selection, and the test accuracy of the selected network when the data has a test split.
 
     ``data``: anything :func:`featstack.data.open_source` takes (folder, manifest, "demo") or a
-    Source. ``train_rows`` optionally restricts the training rows (for quick runs).
+    Source. ``weight_decay=None`` derives it from the head's regularisation
+    (:func:`derived_weight_decay`). ``augment``: a name of :data:`AUGMENTS`. ``train_rows``
+    optionally restricts the training rows (for quick runs).
     """
     from tqdm.auto import tqdm
 
@@ -508,8 +658,12 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     if batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
     parse_freeze(freeze)
+    select_epoch([0.0], select, min_improvement)
+    check_augment(augment)
     if bn not in BN_MODES:
         raise ConfigError(f"--bn {bn!r}: choose one of {', '.join(BN_MODES)}")
+    if weight_decay is not None and not weight_decay >= 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {weight_decay}")
     src_path = None
     if isinstance(network, FeatstackNet):
         net = network
@@ -519,6 +673,10 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     out = Path(out)
     if src_path is not None and out.resolve() == src_path.resolve():
         raise ConfigError(f"--out {out} is the input network; write the fine-tuned one elsewhere")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / NETWORK_JSON).exists():
+        raise ConfigError(f"--out {out}: folder is not empty and holds no {NETWORK_JSON}; pick a new folder")
     dev = resolve_device(device)
     prec = _resolve_precision(precision, dev)
     source = open_source(data) if isinstance(data, (str, os.PathLike)) else data
@@ -529,8 +687,14 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
         train = np.asarray([r for r in train if r in keep], dtype=np.int64)
         if not len(train):
             raise DataError("train_rows selects no labelled train row")
+    test = _test_rows(source, targets)
+    if weight_decay is None:
+        weight_decay, wd_from = derived_weight_decay(net, len(train))
+    else:
+        wd_from = "--weight-decay"
 
     torch.manual_seed(seed)
+    random.seed(seed)
     init = init_from_source_classifier(net) if init_from_source else None
     net.to(dev)
     freeze_summary = apply_freeze(net, freeze)
@@ -539,8 +703,8 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     gen = torch.Generator().manual_seed(seed)
     kw = dict(batch_size=batch_size, num_workers=workers, collate_fn=_collate,
               pin_memory=dev.type == "cuda", persistent_workers=workers > 0)
-    train_loader = DataLoader(_Squares(source, train, targets[train], net.input_side), shuffle=True,
-                              generator=gen, drop_last=False, **kw)
+    train_loader = DataLoader(_Squares(source, train, targets[train], net.input_side, augment=augment),
+                              shuffle=True, generator=gen, drop_last=False, **kw)
     val_loader = DataLoader(_Squares(source, val, targets[val], net.input_side), shuffle=False, **kw)
     steps = epochs * len(train_loader)
     scheduler = cosine_schedule(optimizer, steps, warmup)
@@ -548,19 +712,30 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
 
     settings = {"source_network": str(src_path) if src_path else None, "data": str(getattr(source, "description", data)),
                 "epochs": epochs, "freeze": freeze, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
-                "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed, "bn": bn,
-                "warmup": warmup,
+                "weight_decay": weight_decay, "weight_decay_from": wd_from, "batch_size": batch_size,
+                "seed": seed, "bn": bn, "warmup": warmup, "augment": augment, "select": select,
+                "min_improvement": min_improvement,
                 "device": str(dev), "precision": prec, "val": val_from,
-                "train_rows": int(len(train)), "val_rows": int(len(val)), "freeze_summary": freeze_summary,
-                "init_from_source_classifier": init}
+                "train_rows": int(len(train)), "val_rows": int(len(val)), "test_rows": int(len(test)),
+                "freeze_summary": freeze_summary, "init_from_source_classifier": init}
     history: list = []
+    notes: list = []
 
     def say(msg: str) -> None:
         if progress:
             print(f"featstack finetune: {msg}", file=sys.stderr, flush=True)
 
+    def warn(msg: str) -> None:
+        notes.append(msg)
+        print(f"featstack finetune: warning: {msg}", file=sys.stderr, flush=True)
+
     say(f"device {dev}, precision {prec}, {len(train)} train / {len(val)} val rows ({val_from}), "
-        f"freeze {freeze}, lr {lr:g} (backbones {lr * backbone_lr_scale:g})")
+        f"freeze {freeze}, lr {lr:g} (backbones {lr * backbone_lr_scale:g}), weight decay {weight_decay:.3g} "
+        f"({wd_from}), augment {augment}")
+    if len(val) < MIN_VAL_IMAGES:
+        warn(f"val has {len(val)} images (< {MIN_VAL_IMAGES}): one image moves val accuracy by "
+             f"{1 / len(val):.1%}, so choosing the epoch on it is mostly noise; give the data a larger val "
+             "split, or keep the last epoch (--select last)")
     if val_from != "val split":
         say("note: the val rows are held out of this run's training, but the exported head was fitted on "
             "the cache's whole train split, so epoch 0's val accuracy is optimistic; give the data a val "
@@ -568,10 +743,15 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     base = evaluate(net, val_loader, device=dev, precision=prec)
     history.append({"epoch": 0, "train_loss": None, "train_accuracy": None, "val_loss": base["loss"],
                     "val_accuracy": base["accuracy"], "lr": None, "seconds": 0.0})
-    best_epoch, best_acc = 0, base["accuracy"]
-    save_network(net, out, extra={"finetune": dict(settings, history=history, best_epoch=0,
-                                                   best_val_accuracy=best_acc)})
-    say(f"epoch 0 (exported head): val accuracy {best_acc:.4f}, val loss {base['loss']:.4f}")
+
+    def record(best: int) -> dict:
+        return dict(settings, history=history, best_epoch=best,
+                    best_val_accuracy=history[best]["val_accuracy"])
+
+    best_dir, last_dir = out / "best", out / "last"
+    save_network(net, best_dir, extra={"finetune": record(0)})
+    best_epoch = 0
+    say(f"epoch 0 (exported head): val accuracy {base['accuracy']:.4f}, val loss {base['loss']:.4f}")
     for epoch in range(1, epochs + 1):
         te = time.perf_counter()
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -586,14 +766,31 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                         "val_loss": ev["loss"], "val_accuracy": ev["accuracy"], "lr": lrs,
                         "skipped": tr["skipped"], "seconds": round(time.perf_counter() - te, 3)})
-        improved = ev["accuracy"] > best_acc
+        improved = select_epoch([h["val_accuracy"] for h in history], "best", min_improvement) == epoch
         if improved:
-            best_epoch, best_acc = epoch, ev["accuracy"]
-            save_network(net, out, extra={"finetune": dict(settings, history=history, best_epoch=epoch,
-                                                           best_val_accuracy=best_acc)})
+            best_epoch = epoch
+            save_network(net, best_dir, extra={"finetune": record(epoch)})
         say(f"epoch {epoch}: train loss {tr['loss']:.4f} acc {tr['accuracy']:.4f} | val loss "
             f"{ev['loss']:.4f} acc {ev['accuracy']:.4f}{'  (best, saved)' if improved else ''}")
-    _update_json(out, finetune=dict(settings, history=history, best_epoch=best_epoch,
-                                    best_val_accuracy=best_acc))
-    return FinetuneResult(out=out, history=history, best_epoch=best_epoch, best_val_accuracy=best_acc,
-                          freeze=freeze_summary, init=init, seconds=time.perf_counter() - t0, net=net)
+    save_network(net, last_dir, extra={"finetune": record(best_epoch)})
+    _update_json(best_dir, finetune=record(best_epoch))
+    selected = select_epoch([h["val_accuracy"] for h in history], select, min_improvement)
+    final = dict(record(best_epoch), selected=select, selected_epoch=selected, warnings=notes)
+    publish_selected(out, best_dir if select == "best" else last_dir, final)
+
+    test_acc = None
+    if len(test):
+        chosen = load_network(out, device=dev)
+        test_loader = DataLoader(_Squares(source, test, targets[test], chosen.input_side), shuffle=False, **kw)
+        test_acc = evaluate(chosen, test_loader, device=dev, precision=prec)["accuracy"]
+        say(f"selected epoch {selected}: test accuracy {test_acc:.4f} on {len(test)} images")
+    _update_json(out, finetune=dict(final, test_accuracy=test_acc))
+    _write_json(out / HISTORY_JSON, {
+        "format": HISTORY_FORMAT, "format_version": 1, **settings,
+        "epochs": history, "best_epoch": best_epoch, "last_epoch": epochs, "selected": select,
+        "selected_epoch": selected, "selected_val_accuracy": history[selected]["val_accuracy"],
+        "test_accuracy": test_acc, "warnings": notes, "seconds": round(time.perf_counter() - t0, 3)})
+    return FinetuneResult(out=out, history=history, best_epoch=best_epoch,
+                          best_val_accuracy=history[best_epoch]["val_accuracy"], freeze=freeze_summary,
+                          init=init, seconds=time.perf_counter() - t0, net=net, selected_epoch=selected,
+                          test_accuracy=test_acc, weight_decay=weight_decay, warnings=notes)

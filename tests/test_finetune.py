@@ -164,7 +164,9 @@ def test_short_finetune_lowers_loss_and_keeps_best(demo, tmp_path, monkeypatch):
     res = finetune(demo["net"], src, out=tmp_path / "ft", epochs=3, freeze="top-1", lr=3e-4, batch_size=32,
                    device="cpu", progress=False)
     out = res.out
-    assert sorted(p.name for p in out.iterdir()) == [NETWORK_JSON, NETWORK_TENSORS]
+    assert sorted(p.name for p in out.iterdir()) == ["best", "history.json", "last", NETWORK_JSON, NETWORK_TENSORS]
+    for sub in ("best", "last"):
+        assert sorted(p.name for p in (out / sub).iterdir()) == [NETWORK_JSON, NETWORK_TENSORS]
     train, val, _, where = split_rows(src, before.classes)
     assert where == "val split" and len(train) == 120 and len(val) == 40
     # training loss (eval mode, all training rows) went down
@@ -269,3 +271,115 @@ def test_cli_finetune(fish, tmp_path, capsys):
     assert main(["finetune", str(fish["net"]), "--data", str(fish["photos"]), "--freeze", "top-x"]) == 2
     err = capsys.readouterr().err
     assert "top-N" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Keeping the gains: selection rule, best and last, history.json, augmentation, weight decay
+# --------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from featstack.finetune import (AUGMENTS, HISTORY_JSON, _Squares, derived_weight_decay,  # noqa: E402
+                                head_regularization, select_epoch)
+
+
+def test_select_epoch_rule():
+    assert select_epoch([1.0, 1.0, 1.0, 1.0]) == 3            # saturated val: ties go to the later epoch
+    assert select_epoch([0.855, 0.85, 0.859]) == 2           # a small gain beats the export
+    assert select_epoch([0.855, 0.85, 0.859], min_improvement=0.01) == 0
+    assert select_epoch([0.9, 0.8, 0.95, 0.95, 0.7]) == 3
+    assert select_epoch([0.9, 0.8, 0.7], select="last") == 2
+    assert select_epoch([0.5]) == 0
+    with pytest.raises(ConfigError, match="--select"):
+        select_epoch([0.5, 0.6], select="first")
+    with pytest.raises(ConfigError, match="--min-improvement"):
+        select_epoch([0.5, 0.6], min_improvement=-0.1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), min_size=1, max_size=8),
+       st.sampled_from([0.0, 0.25, 0.5]))
+def test_select_epoch_properties(accs, margin):
+    e = select_epoch(accs, "best", margin)
+    if e == 0:   # the export is kept only when no fine-tuned epoch reaches it plus the margin
+        assert all(a < accs[0] + margin for a in accs[1:]) or len(accs) == 1
+    else:        # else the LAST epoch with the highest fine-tuned accuracy
+        assert accs[e] == max(accs[1:]) and accs[e] >= accs[0] + margin
+        assert all(a < accs[e] for a in accs[e + 1:])
+    # the online rule finetune applies epoch by epoch ends on the same choice
+    online = 0
+    for k in range(1, len(accs)):
+        if select_epoch(accs[:k + 1], "best", margin) == k:
+            online = k
+    assert online == e
+
+
+def test_best_last_selected_and_history(demo, tmp_path, capsys):
+    from featstack.data import ArraySource
+
+    src = demo["source"]
+    # 120 train, 30 val, 10 test rows: a test split, and a val split below the warning size
+    splits = ["train"] * 120 + ["val"] * 30 + ["test"] * 10
+    data = ArraySource(src.images, src.samples.labels, splits=splits, classes=src.samples.classes)
+    res = finetune(demo["net1"], data, out=tmp_path / "ft", epochs=2, freeze="head-only", lr=3e-3,
+                   batch_size=40, device="cpu", progress=False, select="last")
+    err = capsys.readouterr().err
+    assert "warning: val has 30 images" in err
+    out = res.out
+    hist = json.loads((out / HISTORY_JSON).read_text())
+    assert [h["epoch"] for h in hist["epochs"]] == [0, 1, 2]
+    assert all(h["train_loss"] > 0 and 0 <= h["val_accuracy"] <= 1 for h in hist["epochs"][1:])
+    assert hist["epochs"][1]["lr"]["head"] == pytest.approx(3e-3)
+    assert hist["selected"] == "last" and hist["selected_epoch"] == 2 == res.selected_epoch
+    assert hist["best_epoch"] == select_epoch([h["val_accuracy"] for h in hist["epochs"]])
+    assert hist["test_rows"] == 10 and hist["warnings"] and "val has 30" in hist["warnings"][0]
+    # OUT holds the last epoch (select=last), byte for byte the same tensors as OUT/last
+    assert (out / NETWORK_TENSORS).read_bytes() == (out / "last" / NETWORK_TENSORS).read_bytes()
+    chosen, last, best = load_network(out), load_network(out / "last"), load_network(out / "best")
+    assert all(torch.equal(a, b) for a, b in zip(chosen.state_dict().values(), last.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(res.net.state_dict().values(), last.state_dict().values()))
+    # the recorded test accuracy is the selected network's on the test rows
+    test = np.arange(150, 160)
+    acc = evaluate(chosen, _batches(data, chosen, test, 10))["accuracy"]
+    assert hist["test_accuracy"] == pytest.approx(acc) == res.test_accuracy
+    # OUT/best holds the network of the best epoch: its val accuracy is the recorded one
+    val = np.arange(120, 150)
+    assert evaluate(best, _batches(data, best, val, 30))["accuracy"] == pytest.approx(
+        hist["epochs"][hist["best_epoch"]]["val_accuracy"])
+    assert json.loads((out / NETWORK_JSON).read_text())["finetune"]["selected_epoch"] == 2
+
+
+def test_weight_decay_from_head_regularisation(demo):
+    net = load_network(demo["net1"])  # logreg, C = 1
+    assert head_regularization(net) == 1.0 and net.meta["head_C"] == 1.0
+    wd, why = derived_weight_decay(net, 200)
+    assert wd == pytest.approx(1 / 200) and "C" in why
+    net.meta["head_C"] = 0.25
+    assert derived_weight_decay(net, 200)[0] == pytest.approx(1 / 50)
+    net.meta["head_C"] = None  # naive Bayes: no weight penalty
+    assert derived_weight_decay(net, 200)[0] == 0.0
+    del net.meta["head_C"]      # a network exported before head_C was recorded: from the saved model
+    assert head_regularization(net) == 1.0
+
+
+@pytest.mark.parametrize("name", [n for n in AUGMENTS if n != "none"])
+def test_augmentation_gives_varied_squares_of_the_input_size(demo, name):
+    side = 48
+    ds = _Squares(demo["source"], np.arange(4), np.zeros(4, dtype=np.int64), side, augment=name)
+    torch.manual_seed(0)
+    import random
+    random.seed(0)
+    a, b = ds[0][0], ds[0][0]
+    assert a.dtype == torch.uint8 and a.shape == (3, side, side)
+    assert not torch.equal(a, b)  # random crops differ between two draws of the same image
+    plain = _Squares(demo["source"], np.arange(4), np.zeros(4, dtype=np.int64), side)
+    assert torch.equal(plain[0][0], plain[0][0])
+    with pytest.raises(ConfigError, match="--augment"):
+        _Squares(demo["source"], np.arange(4), np.zeros(4, dtype=np.int64), side, augment="heavy")
+
+
+def test_finetune_with_augmentation_runs_and_trains(demo, tmp_path):
+    res = finetune(demo["net1"], demo["source"], out=tmp_path / "aug", epochs=1, freeze="head-only", lr=1e-3,
+                   batch_size=60, device="cpu", progress=False, augment="light", weight_decay=0.0)
+    hist = json.loads((res.out / HISTORY_JSON).read_text())
+    assert hist["augment"] == "light" and hist["weight_decay"] == 0.0 and hist["epochs"][1]["train_loss"] > 0
