@@ -40,7 +40,11 @@ from . import __version__
 from .errors import CacheError, CacheMismatchError, DataError
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
+#: where a labelled row can go; rows without a label (a loose folder of images, a manifest
+#: without labels) get the split "unlabelled", never "train"
+LABELLED_SPLITS = ("train", "val", "test")
+UNLABELLED = "unlabelled"
+SPLITS = (*LABELLED_SPLITS, UNLABELLED)
 CHUNK_BYTES = 1 << 20
 DEFAULT_SHARD_ROWS = 1024
 _STR = h5py.string_dtype("utf-8")

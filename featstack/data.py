@@ -5,9 +5,13 @@ the cache can be laid out, fingerprinted and resumed; decoding happens later, on
 inside DataLoader workers. Sources are therefore small and picklable: paths, not pixels.
 
 Kinds:
-  * image folder: ``root/<class>/*.jpg`` or ``root/{train,val,test}/<class>/*``;
-  * manifest: CSV or JSONL with ``path``, ``label``, optional ``split`` and ``id`` (paths are
+  * image folder: ``root/<class>/*.jpg`` or ``root/{train,val,test}/<class>/*``; a loose folder
+    of images (no class subfolders) gives unlabelled rows;
+  * manifest: CSV or JSONL with ``path``, optional ``label``, ``split`` and ``id`` (paths are
     relative to the manifest file);
+
+Rows without a label get the split "unlabelled" (never "train"): predict and info see them, no
+training or scoring does.
   * arrays: in-memory ``(N, H, W[, C])`` uint8 images from Python;
   * ``"demo"``: scikit-learn's bundled digits as RGB images with a fixed, seeded train/test split.
 """
@@ -23,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .cache import SPLITS, SampleTable
+from .cache import LABELLED_SPLITS, SPLITS, UNLABELLED, SampleTable
 from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -127,13 +131,13 @@ class ImageFolderSource(FileSource):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: not a directory")
-        split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+        split_dirs = {s: root / s for s in LABELLED_SPLITS if (root / s).is_dir()}
         layout = split_dirs or {"train": root}
         per_split = {s: _class_folders(d) for s, d in layout.items()}
         classes = sorted({c.name for folders in per_split.values() for c in folders})
         if not classes:
-            raise DataError(f"{root}: no class subfolders found "
-                            f"(expected {root}/<class>/<image> or {root}/train/<class>/<image>)")
+            self._init_loose(root)
+            return
         index = {c: i for i, c in enumerate(classes)}
         paths, ids, labels, splits = [], [], [], []
         for split, folders in per_split.items():
@@ -148,6 +152,17 @@ class ImageFolderSource(FileSource):
                             f"({', '.join(IMAGE_EXTENSIONS)})")
         samples = SampleTable(ids, labels, splits, classes, content=[_file_content_key(p) for p in paths])
         super().__init__(paths, samples, f"image folder {root}")
+
+    def _init_loose(self, root: Path) -> None:
+        """A folder of images without class subfolders: every image unlabelled."""
+        files = sorted(p for p in root.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{root}: no class subfolders and no image files found (expected "
+                            f"{root}/<class>/<image>, {root}/train/<class>/<image>, or images in {root})")
+        samples = SampleTable([f.name for f in files], [-1] * len(files), [UNLABELLED] * len(files), [],
+                              content=[_file_content_key(f) for f in files])
+        FileSource.__init__(self, files, samples, f"image folder {root} (unlabelled)")
 
 
 def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
@@ -184,11 +199,19 @@ def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-class ManifestSource(FileSource):
-    """CSV or JSONL manifest: ``path``, ``label`` (class name), optional ``split`` and ``id``.
+def _manifest_split(rec: dict, label: str) -> str:
+    """The split of a manifest row: as written (default train), except that a row without a
+    label is "unlabelled" unless it names val or test: it cannot be trained on."""
+    split = str(rec.get("split") or "train").strip()
+    return UNLABELLED if not label and split == "train" else split
 
-    Relative paths are resolved against the manifest's folder. An empty label means unlabeled
-    (-1). A missing image file is not an error here: it is recorded when extraction reaches it.
+
+class ManifestSource(FileSource):
+    """CSV or JSONL manifest: ``path``, optional ``label`` (class name), ``split`` and ``id``.
+
+    Relative paths are resolved against the manifest's folder. A missing or empty label means
+    unlabelled (-1, split "unlabelled"). A missing image file is not an error here: it is
+    recorded when extraction reaches it.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -199,16 +222,15 @@ class ManifestSource(FileSource):
         if not records:
             raise DataError(f"{path}: the manifest lists no samples")
         for lineno, rec in records:
-            for field in ("path", "label"):
-                if field not in rec:
-                    raise DataError(f"{path}, line {lineno}: missing field {field!r}")
+            if "path" not in rec:
+                raise DataError(f"{path}, line {lineno}: missing field 'path'")
             if not str(rec["path"]).strip():
                 raise DataError(f"{path}, line {lineno}: empty 'path'")
             split = str(rec.get("split") or "train").strip()
             if split not in SPLITS:
                 raise DataError(f"{path}, line {lineno}: unknown split {split!r} "
                                 f"(splits are {', '.join(SPLITS)})")
-        label_names = [("" if rec["label"] is None else str(rec["label"]).strip()) for _, rec in records]
+        label_names = [("" if rec.get("label") is None else str(rec["label"]).strip()) for _, rec in records]
         classes = sorted({name for name in label_names if name})
         index = {c: i for i, c in enumerate(classes)}
         base = path.parent
@@ -222,7 +244,7 @@ class ManifestSource(FileSource):
             ids.append(sid)
         samples = SampleTable(
             ids, [index.get(name, -1) for name in label_names],
-            [str(rec.get("split") or "train").strip() for _, rec in records], classes,
+            [_manifest_split(rec, name) for (_, rec), name in zip(records, label_names)], classes,
             content=[_file_content_key(f) for f in files])
         super().__init__(files, samples, f"manifest {path}")
 

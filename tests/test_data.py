@@ -95,7 +95,8 @@ def test_csv_and_jsonl_manifests(tmp_path):
     assert isinstance(src, ManifestSource)
     s = src.samples
     assert s.classes == ["cat", "dog"] and list(s.labels) == [1, 0, -1]
-    assert list(s.ids) == ["A", "img/b.jpg", "C"] and list(s.splits) == ["train", "test", "train"]
+    # an unlabelled row never lands in "train"
+    assert list(s.ids) == ["A", "img/b.jpg", "C"] and list(s.splits) == ["train", "test", "unlabelled"]
     assert src.load(1).shape == (96, 128, 3)
     lines = [{"path": "img/a.jpg", "label": "dog"}, {"path": "img/b.jpg", "label": "cat", "split": "val"}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
@@ -154,3 +155,29 @@ def test_array_and_demo_sources():
     assert list(demo.samples.splits).count("test") == 450
     assert demo.load(0).shape == (32, 32, 3)
     assert DemoSource().samples.fingerprint() == demo.samples.fingerprint()
+
+
+def test_loose_folder_and_manifest_without_labels_are_unlabelled(tmp_path):
+    _photos(tmp_path, ["a.jpg", "b.png", "c.jpg"])
+    (tmp_path / "img" / "notes.txt").write_text("not an image")
+    s = open_source(tmp_path / "img").samples
+    assert list(s.ids) == ["a.jpg", "b.png", "c.jpg"] and s.classes == []
+    assert list(s.labels) == [-1, -1, -1] and set(s.splits) == {"unlabelled"}
+    (tmp_path / "m.csv").write_text("path\nimg/a.jpg\nimg/b.png\n")
+    m = open_source(tmp_path / "m.csv").samples
+    assert list(m.labels) == [-1, -1] and set(m.splits) == {"unlabelled"} and m.classes == []
+    (tmp_path / "m.jsonl").write_text('{"path": "img/a.jpg", "split": "test"}\n{"path": "img/c.jpg"}\n')
+    j = open_source(tmp_path / "m.jsonl").samples
+    assert list(j.splits) == ["test", "unlabelled"]
+
+
+def test_loose_folder_extracts_and_reports_unlabelled(tmp_path):
+    from featstack.cache import open_cache
+    from featstack.extract import extract
+
+    _photos(tmp_path, ["a.jpg", "bb.jpg"])
+    extract(str(tmp_path / "img"), ["test_resnet-64"], tmp_path / "c.h5", weights="none", workers=0,
+            progress=False)
+    c = open_cache(tmp_path / "c.h5")
+    assert list(c.splits) == ["unlabelled", "unlabelled"] and c.features(["test_resnet-64"]).shape[0] == 2
+    assert c.summary()["splits"]["unlabelled"] == 2
