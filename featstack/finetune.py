@@ -628,6 +628,20 @@ def _test_rows(source, targets: np.ndarray) -> np.ndarray:
     return np.flatnonzero((targets >= 0) & (np.asarray(source.samples.splits) == "test"))
 
 
+def score_on_test(net: FeatstackNet, source, rows: np.ndarray, targets: np.ndarray, batch_size: int,
+                  device) -> dict:
+    """Accuracy, macro-F1, per-class figures and confusion matrix of ``net`` on the test rows (the
+    report draws the network's confusion matrix from these, without torch)."""
+    from .inference import predict_source
+    from .metrics import classification_metrics
+
+    true, pred = [], []
+    for batch in predict_source(net, source, rows, batch_size=batch_size, device=str(device), progress=False):
+        true += [net.classes[int(t)] for t in targets[batch.rows]]
+        pred += [net.classes[int(i)] for i in batch.pred]
+    return classification_metrics(true, pred, net.classes)
+
+
 def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: float = 1e-3,
              backbone_lr_scale: float = 0.1, weight_decay: float | None = None, batch_size: int = 32,
              device: str = "auto", precision: str = "auto", init_from_source: bool = False,
@@ -778,18 +792,17 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     final = dict(record(best_epoch), selected=select, selected_epoch=selected, warnings=notes)
     publish_selected(out, best_dir if select == "best" else last_dir, final)
 
-    test_acc = None
+    test_acc, test_metrics = None, None
     if len(test):
-        chosen = load_network(out, device=dev)
-        test_loader = DataLoader(_Squares(source, test, targets[test], chosen.input_side), shuffle=False, **kw)
-        test_acc = evaluate(chosen, test_loader, device=dev, precision=prec)["accuracy"]
-        say(f"selected epoch {selected}: test accuracy {test_acc:.4f} on {len(test)} images")
+        test_metrics = score_on_test(load_network(out, device=dev), source, test, targets, batch_size, dev)
+        test_acc = test_metrics["accuracy"]
+        say(f"selected epoch {selected}: test accuracy {test_acc:.4f} on {test_metrics['n']} images")
     _update_json(out, finetune=dict(final, test_accuracy=test_acc))
     _write_json(out / HISTORY_JSON, {
         "format": HISTORY_FORMAT, "format_version": 1, **settings,
         "epochs": history, "best_epoch": best_epoch, "last_epoch": epochs, "selected": select,
         "selected_epoch": selected, "selected_val_accuracy": history[selected]["val_accuracy"],
-        "test_accuracy": test_acc, "warnings": notes, "seconds": round(time.perf_counter() - t0, 3)})
+        "test_accuracy": test_acc, "test_metrics": test_metrics, "warnings": notes, "seconds": round(time.perf_counter() - t0, 3)})
     return FinetuneResult(out=out, history=history, best_epoch=best_epoch,
                           best_val_accuracy=history[best_epoch]["val_accuracy"], freeze=freeze_summary,
                           init=init, seconds=time.perf_counter() - t0, net=net, selected_epoch=selected,

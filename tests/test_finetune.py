@@ -342,6 +342,7 @@ def test_best_last_selected_and_history(demo, tmp_path, capsys):
     test = np.arange(150, 160)
     acc = evaluate(chosen, _batches(data, chosen, test, 10))["accuracy"]
     assert hist["test_accuracy"] == pytest.approx(acc) == res.test_accuracy
+    assert np.sum(hist["test_metrics"]["confusion"]) == 10 and hist["test_metrics"]["n"] == 10
     # OUT/best holds the network of the best epoch: its val accuracy is the recorded one
     val = np.arange(120, 150)
     assert evaluate(best, _batches(data, best, val, 30))["accuracy"] == pytest.approx(

@@ -139,13 +139,13 @@ def test_demo_pipeline_end_to_end_then_skips(tmp_path, monkeypatch):
     assert (out / "results.csv").exists() and (out / "report.md").exists()
     assert (tmp_path / "models" / "mini" / "model.json").exists()
     md = (out / "report.md").read_text()
-    assert "1797" in md and "test_resnet" in md and "Chosen model" in md and "confusion.png" in md
+    assert "1797" in md and "test_resnet" in md and "## Model" in md and "confusion.png" in md
 
     dom = _render_in_browser(out / "report.html", tmp_path)
     m = re.search(r'data-images="(\d+):(\d+)"', dom)
     assert m, "the report did not finish loading in the browser"
     assert int(m.group(1)) >= 4 and m.group(1) == m.group(2), f"images loaded: {m.group(2)} of {m.group(1)}"
-    assert "Bench (" in dom and "test_vit" in dom
+    assert "<h2>Ranking</h2>" in dom and "test_vit" in dom
 
     # editing the heads re-runs the bench but not the extraction
     path.write_text(path.read_text().replace("[logreg, gaussian-nb]", "[logreg]"))

@@ -12,7 +12,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "fusion with stratified k-fold CV on the training split (and on the test split "
                     "after a refit, when it exists). Base heads are fitted once per backbone and "
                     "reused by every combination. Writes results.csv, results.md, bench.json, "
-                    "heatmap.png and best_by_size.png to --out.")
+                    "heatmap.png, best_by_size.png and report.html to --out.")
     p.add_argument("cache", help="path of the cache index file (e.g. cache/x.h5)")
     p.add_argument("--heads", default="logreg,linear-svm,svm-rbf,gaussian-nb",
                    help="comma-separated head names (default: %(default)s)")
@@ -38,6 +38,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     help="dask workers read the cache by path (default for local schedulers)")
     fs.add_argument("--scatter", dest="share_fs", action="store_false",
                     help="send the feature arrays to the dask workers (default for remote schedulers)")
+    p.add_argument("--data", default=None,
+                   help="the images the cache was extracted from, for thumbnails of misclassified test images "
+                        "in the report (default: none)")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write report.html / report.md (default: write them)")
     p.add_argument("--top", type=int, default=20, help="rows of the ranked table to print (default 20)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -65,4 +70,8 @@ def run(args) -> int:
     print(f"best         {best['backbones']} / {best['head']} / {best['fusion']}: cv accuracy "
           f"{best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}")
     print(f"written      {out}/results.csv, results.md, bench.json, heatmap.png, best_by_size.png")
+    if args.report:
+        from ..report import build_report
+
+        print(f"report       {build_report(out, context={'data': args.data}, cache=cache)}")
     return 0
