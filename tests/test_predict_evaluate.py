@@ -158,3 +158,14 @@ def test_evaluate_refusals_name_the_problem(world, tmp_path, capsys):
     assert "no labelled rows in split 'val'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["evaluate", str(world["model"])])  # one of --cache / --data is required
+
+
+def test_info_shows_input_size_and_class_counts_per_split(world, capsys):
+    assert main(["info", str(world["cache"])]) == 0
+    out = capsys.readouterr().out
+    assert "  train      cat 5, dog 5, fox 5" in out and "  test       cat 3, dog 3, fox 3" in out
+    assert "input 64x64" in out
+    assert main(["info", str(world["cache"]), "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["split_class_counts"]["test"] == {"cat": 3, "dog": 3, "fox": 3}
+    assert js["backbones"][0]["input_size"] == "64x64"
