@@ -318,7 +318,7 @@ def finetune_curves(epochs: Sequence[dict], selected: int | None, path: str | os
     bx.plot([h["epoch"] for h in epochs], [h["val_accuracy"] for h in epochs], marker="o", label="val accuracy")
     tr = [(h["epoch"], h["train_accuracy"]) for h in epochs if h.get("train_accuracy") is not None]
     if tr:
-        bx.plot(*zip(*tr), marker=".", alpha=0.7, label="train accuracy (augmented, in train mode)")
+        bx.plot(*zip(*tr), marker=".", alpha=0.7, label="train accuracy (training pass)")
     if selected is not None:
         bx.axvline(selected, color="tab:red", linestyle="--", linewidth=1, label=f"kept: epoch {selected}")
     bx.set_xlabel("epoch (0 = exported network)")
