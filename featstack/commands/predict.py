@@ -81,6 +81,14 @@ def _say(args, line: str) -> None:
     print(line, file=sys.stderr if args.out == "-" else sys.stdout)
 
 
+def _finish(args, n_right: int, n_labelled: int, unit: str) -> int:
+    """The accuracy and output lines that close both kinds of prediction."""
+    _say(args, f"accuracy     {n_right / n_labelled:.4f} on {n_labelled} labelled {unit}" if n_labelled
+         else f"accuracy     (no labelled {unit})")
+    _say(args, f"wrote        {'standard output' if args.out == '-' else args.out}")
+    return 0
+
+
 def split_rows(splits, split: str):
     import numpy as np
 
@@ -138,10 +146,7 @@ def _run_model(args) -> int:
     _say(args, f"predicted    {len(rows)} rows ({args.split}) of {cache.path}")
     if skipped:
         _say(args, f"skipped      {skipped} rows whose input failed to decode (see `featstack info`)")
-    _say(args, f"accuracy     {n_right / n_labelled:.4f} on {n_labelled} labelled rows" if n_labelled
-         else "accuracy     (no labelled rows)")
-    _say(args, f"wrote        {'standard output' if args.out == '-' else args.out}")
-    return 0
+    return _finish(args, n_right, n_labelled, "rows")
 
 
 def default_workers(workers: int | None) -> int:
@@ -183,7 +188,4 @@ def _run_network(args) -> int:
     _say(args, f"predicted    {len(rows) - n_failed} images ({args.split}) of {getattr(source, 'description', args.data)}")
     if n_failed:
         _say(args, f"failed       {n_failed} images could not be decoded (their error is in the CSV)")
-    _say(args, f"accuracy     {n_right / n_labelled:.4f} on {n_labelled} labelled images" if n_labelled
-         else "accuracy     (no labelled images)")
-    _say(args, f"wrote        {'standard output' if args.out == '-' else args.out}")
-    return 0
+    return _finish(args, n_right, n_labelled, "images")
