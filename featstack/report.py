@@ -318,7 +318,7 @@ def _model_predictions(cache, model_dir: str | None, best: dict | None):
         saved = load_model(model_dir)
         name = f"saved model {model_dir}"
     elif best:
-        saved = train_model(cache, best["backbones"], best["head"], best["fusion"],
+        saved = train_model(cache, best["backbones"].split("+"), best["head"], best["fusion"],
                             cv=int(best.get("cv") or 5))
         name = "best configuration (refitted on the training split)"
     else:
