@@ -512,6 +512,8 @@ class Cache:
     def summary(self) -> dict:
         """Everything `featstack info` shows, as plain JSON-able data."""
         counts = {s: int(np.sum(self.splits == s)) for s in SPLITS}
+        if not counts[UNLABELLED]:  # only sources with unlabelled rows show the split
+            del counts[UNLABELLED]
         labelled = self.labels >= 0
         return {
             "path": str(self.path),

@@ -50,7 +50,7 @@ def run(args) -> int:
     print(f"cache        {s['path']}  (format {s['format_version']}, featstack {s['featstack_version']})")
     print(f"dataset      {s['n_samples']} samples, {s['n_labelled']} labelled, fingerprint "
           f"{s['dataset_fingerprint'][:12]}")
-    print("splits       " + ", ".join(f"{k} {v}" for k, v in s["splits"].items() if v or k != "unlabelled"))
+    print("splits       " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
     shown = ", ".join(f"{c} ({n})" for c, n in list(s["class_counts"].items())[:20])
     more = f", ... {len(s['classes']) - 20} more" if len(s["classes"]) > 20 else ""
     print(f"classes      {len(s['classes'])}: {shown}{more}")
