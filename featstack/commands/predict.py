@@ -41,16 +41,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def folder_kind(path: str | os.PathLike) -> str:
-    """'network' or 'model' (by the descriptor the folder holds); a ConfigError otherwise."""
+    """'model' or 'network' (by the descriptor the folder holds); a ConfigError otherwise. A
+    model folder is recognised without importing torch (the CPU side never does)."""
     from ..errors import ConfigError
-    from ..export import NETWORK_JSON
     from ..models import META_FILE
 
     path = Path(path)
-    if (path / NETWORK_JSON).is_file() or path.name == NETWORK_JSON:
-        return "network"
+    if not path.exists():
+        raise ConfigError(f"{path}: no such model folder or network folder")
     if (path / META_FILE).is_file():
         return "model"
+    from ..export import NETWORK_JSON
+
+    if (path / NETWORK_JSON).is_file() or path.name == NETWORK_JSON:
+        return "network"
     raise ConfigError(f"{path}: neither a saved model ({META_FILE}) nor a network ({NETWORK_JSON}) folder")
 
 
