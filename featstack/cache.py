@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .config import DEFAULT_SHARD_ROWS  # noqa: F401  (one default: the extract setting)
 from .errors import CacheError, CacheMismatchError, DataError
 
 FORMAT_VERSION = 1
@@ -46,7 +47,6 @@ LABELLED_SPLITS = ("train", "val", "test")
 UNLABELLED = "unlabelled"
 SPLITS = (*LABELLED_SPLITS, UNLABELLED)
 CHUNK_BYTES = 1 << 20
-DEFAULT_SHARD_ROWS = 1024
 _STR = h5py.string_dtype("utf-8")
 _SHARD_RE = re.compile(r"^(\d+)-(\d+)\.h5$")
 # Metadata fields that decide what a feature matrix means. Versions and paths are recorded

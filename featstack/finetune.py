@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .config import AUGMENTS, BN_MODES, PRECISIONS, SELECT_MODES, default_finetune_workers
 from .errors import BackboneError, ConfigError, DataError
 from .export import (NETWORK_JSON, NETWORK_TENSORS, FeatstackNet, LinearHead, _spec_from_info, decode_squares,
                      head_C, load_network, read_network_config, save_network)
 
 _FREEZE_RE = re.compile(r"^(head-only|none|top-(\d+))$")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # ============================================================================================
@@ -119,7 +119,6 @@ def _eval_frozen(module: nn.Module) -> None:
             _eval_frozen(child)
 
 
-BN_MODES = ("frozen", "train")
 
 
 def set_train_mode(net: FeatstackNet, bn: str = "frozen") -> None:
@@ -301,16 +300,6 @@ def init_from_source_classifier(net: FeatstackNet) -> dict:
 # ============================================================================================
 # Data
 # ============================================================================================
-
-#: named training augmentations: keyword arguments of timm's ``transforms_imagenet_train``
-#: (None = none). light: random resized crop keeping at least half the image, horizontal flip,
-#: mild colour jitter; randaugment: timm's default crop scale, flip and RandAugment (m9, mstd 0.5).
-AUGMENTS: dict[str, dict | None] = {
-    "none": None,
-    "light": {"scale": (0.5, 1.0), "hflip": 0.5, "color_jitter": 0.1},
-    "randaugment": {"hflip": 0.5, "auto_augment": "rand-m9-mstd0.5-inc1"},
-}
-
 
 def check_augment(name: str) -> str:
     if name not in AUGMENTS:
@@ -528,7 +517,6 @@ def _update_json(folder: Path, **sections) -> None:
     _write_json(jfile, cfg)
 
 
-SELECT_MODES = ("best", "last")
 HISTORY_JSON = "history.json"
 HISTORY_FORMAT = "featstack-finetune-history"
 #: below this many validation images one image moves val accuracy by more than 2 points, so the
@@ -645,7 +633,7 @@ def score_on_test(net: FeatstackNet, source, rows: np.ndarray, targets: np.ndarr
 def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: float = 1e-3,
              backbone_lr_scale: float = 0.1, weight_decay: float | None = None, batch_size: int = 32,
              device: str = "auto", precision: str = "auto", init_from_source: bool = False,
-             val_fraction: float = 0.1, seed: int = 0, workers: int | None = 0, bn: str = "frozen",
+             val_fraction: float = 0.1, seed: int = 0, workers: int | None = None, bn: str = "frozen",
              warmup: float = 0.0, select: str = "best", min_improvement: float = 0.0, augment: str = "none",
              progress: bool = True, train_rows: Sequence[int] | None = None) -> FinetuneResult:
     """Fine-tune a network folder (or FeatstackNet) on a data source and save, in ``out``:
@@ -713,7 +701,7 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     net.to(dev)
     freeze_summary = apply_freeze(net, freeze)
     optimizer = make_optimizer(net, lr, backbone_lr_scale, weight_decay)
-    workers = 0 if workers is None else int(workers)
+    workers = default_finetune_workers() if workers is None else int(workers)
     gen = torch.Generator().manual_seed(seed)
     kw = dict(batch_size=batch_size, num_workers=workers, collate_fn=_collate,
               pin_memory=dev.type == "cuda", persistent_workers=workers > 0)
