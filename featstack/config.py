@@ -452,8 +452,7 @@ class BenchConfig:
     progress: bool = setting(True, "progress bar")
     data: str | None = setting(None, "the images the cache was extracted from, for thumbnails of misclassified "
                                      "test images in the report", api=None, yaml="top:data")
-    report: bool = setting(True, "write report.html and report.md to --out", api=None,
-                           yaml="none:a pipeline writes its report in the report stage")
+    report: bool = setting(True, "write report.html and report.md to --out", api=None, yaml="top:report")
 
 
 @dataclass
@@ -508,6 +507,7 @@ class ExportConfig:
     head_dtype: str = setting("float64", "precision of the exported head (float64: scikit-learn's numbers)",
                               choices=HEAD_DTYPES)
     onnx: bool = setting(False, "also write network.onnx (needs the onnx package: pip install 'featstack[onnx]')")
+    progress: bool = setting(True, "progress bar (rebuilding and verifying each backbone takes seconds)")
 
 
 @dataclass

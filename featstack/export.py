@@ -996,7 +996,7 @@ def head_C(estimator) -> float | None:
 
 
 def build_network(saved, cache, *, head_dtype: torch.dtype | str = torch.float64,
-                  device: str | torch.device = "cpu") -> FeatstackNet:
+                  device: str | torch.device = "cpu", bar=None) -> FeatstackNet:
     """A FeatstackNet from a saved model (featstack.models.SavedModel) and the cache it was
     trained on (where the backbones' timm specs, weights hashes and data configs live)."""
     from .cache import Cache, open_cache
@@ -1012,8 +1012,12 @@ def build_network(saved, cache, *, head_dtype: torch.dtype | str = torch.float64
             warnings.warn(f"backbone {key!r} was extracted with --preprocess {info.get('preprocess')}; "
                           "the network preprocesses with the fast path, so its features differ slightly "
                           "from the cached ones", stacklevel=2)
+    _step(bar, "exporting the head")
     head = export_head(saved.estimator, saved.dims, head_dtype)
-    models = [rebuild_backbone(info) for info in infos]
+    models = []
+    for info in infos:
+        _step(bar, f"rebuilding {info['key']} and verifying its weights")
+        models.append(rebuild_backbone(info))
     for info, m in zip(infos, models):
         info["source_weights_sha256"] = info["weights_sha256"]
     meta = {
@@ -1172,7 +1176,7 @@ def export_onnx(net: FeatstackNet, path: str | os.PathLike, *, batch: int = 2) -
 
 
 def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cache: str | os.PathLike | None = None,
-                 *, head_dtype: torch.dtype | str = "float64", onnx: bool = False) -> Path:
+                 *, head_dtype: torch.dtype | str = "float64", onnx: bool = False, progress: bool = True) -> Path:
     """Saved model folder → network folder (safetensors + JSON; with ``onnx`` also network.onnx).
 
     The backbones' timm specs and weights hashes come from the cache the model was trained on:
@@ -1187,8 +1191,26 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cache
                           "was trained on, which holds the backbones' specs and weights hashes)")
     if not Path(cache_path).exists():
         raise ConfigError(f"cache {cache_path} (recorded by {model_dir}) not found; pass --cache PATH")
-    net = build_network(saved, cache_path, head_dtype=head_dtype)
-    out = save_network(net, out_dir)
-    if onnx:
-        export_onnx(net, out / NETWORK_ONNX)
+    import sys
+    from tqdm.auto import tqdm
+
+    steps = 2 + len(saved.backbones) + int(onnx)  # head, backbones, save, onnx
+    with tqdm(total=steps, desc="export", unit="step", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        net = build_network(saved, cache_path, head_dtype=head_dtype, bar=bar)
+        _step(bar, "saving")
+        out = save_network(net, out_dir)
+        if onnx:
+            _step(bar, "writing ONNX")
+            export_onnx(net, out / NETWORK_ONNX)
+        _step(bar, "done", advance=True)
     return out
+
+
+def _step(bar, what: str, advance: bool = False) -> None:
+    """Mark the previous export step done (after the first) and name the next one."""
+    if bar is None or bar.disable:
+        return
+    if bar.postfix or advance:
+        bar.update()
+    bar.set_postfix_str(what)

@@ -156,7 +156,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     cache = top["cache"] or f"cache/{name}.h5"
     out = top["out"] or f"runs/{name}"
     shared = {"data": top["data"], "cache": cache, "out": out, "weights": top["weights"], "seed": top["seed"],
-              "backbones": [b.name for b in backbones],
+              "report": top["report"], "backbones": [b.name for b in backbones],
               "weights_file": {b.name: b.weights_file for b in backbones if b.weights_file}}
     for stage in _SECTIONS:
         v = top[stage]

@@ -169,3 +169,9 @@ def test_info_shows_input_size_and_class_counts_per_split(world, capsys):
     js = json.loads(capsys.readouterr().out)
     assert js["split_class_counts"]["test"] == {"cat": 3, "dog": 3, "fox": 3}
     assert js["backbones"][0]["input_size"] == "64x64"
+
+
+def test_export_shows_progress(world, tmp_path, capsys):
+    assert main(["export", str(world["model"]), "--out", str(tmp_path / "net")]) == 0
+    err = capsys.readouterr().err
+    assert "export" in err and f"rebuilding {BACKBONE} and verifying its weights" in err and "saving" in err
