@@ -54,7 +54,8 @@ class LbfgsLinearSVC(LinearSVC):
         check_classification_targets(y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"needs samples of at least 2 classes in the data, got {len(self.classes_)}")
+            raise ValueError("This solver needs samples of at least 2 classes in the data, but the data "
+                             f"contains only one class: {self.classes_[0]!r}")
         k = 1 if len(self.classes_) == 2 else len(self.classes_)
         T = np.where(y[:, None] == self.classes_[None, -k:], 1.0, -1.0).astype(X.dtype)  # (n, k)
         sq = float(np.einsum("ij,ij->", X, X, dtype=np.float64)) / len(X) if self.scale_C else 1.0
