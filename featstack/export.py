@@ -991,7 +991,8 @@ def head_C(estimator) -> float | None:
     est = getattr(est, "best_estimator_", est)
     if isinstance(est, Pipeline):
         est = est.steps[-1][1]
-    c = getattr(est, "C", None)
+    c = getattr(est, "C_effective_", None)  # a solver that rescales C records the C it used
+    c = getattr(est, "C", None) if c is None else c
     return float(c) if c is not None else None
 
 

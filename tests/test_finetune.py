@@ -361,6 +361,10 @@ def test_weight_decay_from_head_regularisation(demo):
     assert derived_weight_decay(net, 200)[0] == 0.0
     del net.meta["head_C"]      # a network exported before head_C was recorded: from the saved model
     assert head_regularization(net) == 1.0
+    # linear-svm: a solver that rescales C records the C it used, which is the one that counts
+    from featstack.models import load_model
+    clf = load_model(demo["root"] / "m").estimator.steps[-1][1]
+    assert head_regularization(load_network(demo["net"])) == pytest.approx(getattr(clf, "C_effective_", clf.C))
 
 
 @pytest.mark.parametrize("name", [n for n in AUGMENTS if n != "none"])
