@@ -33,7 +33,6 @@ import re
 import sys
 import time
 import uuid
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -49,7 +48,7 @@ from .export import (NETWORK_JSON, FeatstackNet, LinearHead, _spec_from_info, de
                      read_network_config, save_network)
 
 _FREEZE_RE = re.compile(r"^(head-only|none|top-(\d+))$")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from .device import PRECISIONS  # noqa: F401 - re-exported
 
 
 # ============================================================================================
@@ -182,73 +181,38 @@ def _imagenet_index(subset: str) -> dict:
     return index
 
 
-def _full_model(spec):
-    import timm
-
-    kwargs = dict(spec.model_kwargs)
-    if spec.input_size:
-        try:
-            return timm.create_model(spec.timm_name, pretrained=False, img_size=spec.input_size, **kwargs)
-        except TypeError:
-            pass
-    return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-
-
 def source_classifier(info: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(weight (K, D), bias (K,), label set) of the pretrained classifier that comes with a
-    backbone's weights: the hub checkpoint or the weights file the cache names. A random-init
-    backbone has none (BackboneError)."""
-    import timm.data
-    from .backbones import state_dict_sha256
+    backbone's weights: the hub checkpoint or the weights file the cache names, checked to hold
+    the very backbone the cache was extracted with. A random-init backbone has none
+    (BackboneError)."""
+    from .backbones import build_backbone
 
     key = info.get("key")
     spec = _spec_from_info(info)
     if spec.weights == "none":
         raise BackboneError(f"backbone {key!r} was random-initialised (--weights none): it has no "
                             "pretrained classifier to initialise the head from")
-    with torch.random.fork_rng(devices=[]):
-        full = _full_model(spec)
-    cls_name = full.pretrained_cfg.get("classifier")
-    cls_name = cls_name[0] if isinstance(cls_name, (list, tuple)) else cls_name
-    if spec.weights == "file":
-        from timm.models import load_state_dict
-
-        state = load_state_dict(spec.weights_file, use_ema=True, weights_only=True)
-        w, b = state.get(f"{cls_name}.weight"), state.get(f"{cls_name}.bias")
-        if w is None:
-            raise BackboneError(f"backbone {key!r}: weights file {spec.weights_file} holds no classifier "
-                                f"({cls_name}.weight); it cannot initialise the head")
-        if b is None:
-            b = torch.zeros(w.shape[0])
-    else:  # hub: the full pretrained model, checked to be the backbone the cache used
-        import huggingface_hub.constants as hf_constants
-        from .backbones import _hub_reachable
-
-        old = hf_constants.HF_HUB_OFFLINE
-        if not _hub_reachable():
-            hf_constants.HF_HUB_OFFLINE = True
-        try:
-            import timm
-            full = timm.create_model(spec.timm_name, pretrained=True, **dict(spec.model_kwargs),
-                                     **({"img_size": spec.input_size} if spec.input_size else {}))
-        except Exception as e:  # noqa: BLE001
-            raise BackboneError(f"backbone {key!r}: cannot load its pretrained classifier from the hub "
-                                f"({type(e).__name__}: {str(e)[:200]})") from e
-        finally:
-            hf_constants.HF_HUB_OFFLINE = old
-        clf = full.get_classifier()
-        if not isinstance(clf, nn.Linear):
-            raise BackboneError(f"backbone {key!r}: its classifier is a {type(clf).__name__}, not a linear layer")
-        w, b = clf.weight.detach().clone(), (clf.bias.detach().clone() if clf.bias is not None
-                                             else torch.zeros(clf.out_features))
-        full.reset_classifier(0)
-        want = info.get("source_weights_sha256") or info.get("weights_sha256")
-        if state_dict_sha256(full) != want:
-            raise BackboneError(f"backbone {key!r}: the hub checkpoint's backbone differs from the one the "
-                                "cache was extracted with; its classifier does not belong to these features")
-    subset = timm.data.infer_imagenet_subset(full) if w.shape[0] == full.num_classes else None
-    if subset is None:
-        subset = {1000: "imagenet-1k", 11821: "imagenet-12k", 21841: "imagenet-22k"}.get(int(w.shape[0]))
+    if spec.layer:
+        raise BackboneError(f"backbone {key!r} gives layer {spec.layer} features; the pretrained "
+                            "classifier reads the final embedding")
+    try:
+        lb = build_backbone(spec, classifier=True)
+    except BackboneError as e:
+        raise BackboneError(f"backbone {key!r}: cannot load its pretrained classifier ({e})") from e
+    want = info.get("source_weights_sha256") or info.get("weights_sha256")
+    if lb.weights_sha256 != want:
+        raise BackboneError(f"backbone {key!r}: the weights' backbone differs from the one the cache was "
+                            "extracted with; their classifier does not belong to these features")
+    clf = lb.classifier or {}
+    w = clf.get("weight")
+    if w is None or w.ndim != 2:
+        where = spec.weights_file if spec.weights == "file" else "the hub checkpoint"
+        raise BackboneError(f"backbone {key!r}: {where} holds no linear classifier; it cannot initialise the head")
+    b = clf.get("bias")
+    if b is None:
+        b = torch.zeros(w.shape[0])
+    subset = {1000: "imagenet-1k", 11821: "imagenet-12k", 21841: "imagenet-22k"}.get(int(w.shape[0]))
     if subset is None:
         raise BackboneError(f"backbone {key!r}: its classifier has {w.shape[0]} classes, not a known "
                             "ImageNet label set; cannot match class names")
@@ -383,21 +347,8 @@ class FinetuneResult:
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16")
-    return precision
+    from .device import autocast_context
+    return autocast_context(device, precision)
 
 
 def cosine_schedule(optimizer, steps: int, warmup: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
@@ -500,7 +451,7 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     from tqdm.auto import tqdm
 
     from .data import open_source
-    from .extract import resolve_device
+    from .device import resolve_device, resolve_precision
 
     t0 = time.perf_counter()
     if not isinstance(epochs, int) or epochs < 1:
@@ -520,7 +471,7 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     if src_path is not None and out.resolve() == src_path.resolve():
         raise ConfigError(f"--out {out} is the input network; write the fine-tuned one elsewhere")
     dev = resolve_device(device)
-    prec = _resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev)
     source = open_source(data) if isinstance(data, (str, os.PathLike)) else data
 
     train, val, targets, val_from = split_rows(source, net.classes, val_fraction, seed)

@@ -51,8 +51,9 @@ _FINETUNE_KEYS = {
     "device": ((str,), "auto"), "out": ((str, type(None)), None), "seed": ((int,), 0),
 }
 _BACKBONE_KEYS = {
-    "name": ((str,), None), "weights": ((str,), None), "weights_file": ((str, type(None)), None),
-    "input_size": ((int, type(None)), None),
+    "name": ((str,), None), "model": ((str, type(None)), None), "weights": ((str,), None),
+    "weights_file": ((str, type(None)), None), "input_size": ((int, type(None)), None),
+    "data_config": ((dict, str, type(None)), None),
 }
 _SECTIONS = {"extract": _EXTRACT_KEYS, "bench": _BENCH_KEYS, "train": _TRAIN_KEYS,
              "export": _EXPORT_KEYS, "finetune": _FINETUNE_KEYS}
@@ -67,10 +68,22 @@ _OPTIONAL_STAGES = {"export", "finetune"}  # run only when the file names them
 
 @dataclass
 class BackboneEntry:
+    """One backbone of a pipeline: ``name`` is its cache key; ``model`` the architecture
+    (a backbone key; default: the name itself)."""
+
     name: str
     weights: str
     weights_file: str | None = None
     input_size: int | None = None
+    model: str | None = None
+    data_config: dict | None = None
+
+    def spec(self, seed: int, input_size: int | None = None):
+        from .backbones import resolve_backbone
+        return resolve_backbone(self.model or self.name, name=self.name,
+                                weights=self.weights if self.weights != "file" else "hub",
+                                weights_file=self.weights_file, input_size=self.input_size or input_size,
+                                seed=seed, data_config=self.data_config)
 
 
 @dataclass
@@ -169,7 +182,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
             b = {"name": b}
         if not isinstance(b, dict):
             raise ConfigError(f"{path}, line {lines[key]}: {key} must be a model name or a mapping "
-                              f"with name, weights, weights_file, input_size")
+                              f"with {', '.join(_BACKBONE_KEYS)}")
         b = _check_keys(b, _BACKBONE_KEYS, path, f"{key}.", lines)
         if not b["name"]:
             raise ConfigError(f"{path}, line {lines[key]}: {key} needs a name")
@@ -179,7 +192,14 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
                               f"none or file, got {weights!r}")
         if weights == "file" and not b["weights_file"]:
             raise ConfigError(f"{path}, line {lines[key]}: {key}: weights file needs weights_file: PATH")
-        backbones.append(BackboneEntry(b["name"], weights, b["weights_file"], b["input_size"]))
+        data_config = b["data_config"]
+        if data_config is not None:
+            from .backbones import check_data_config, parse_data_config
+            what = f"{path}, line {lines.get(key + '.data_config')}: {key}.data_config"
+            data_config = (parse_data_config(data_config, what) if isinstance(data_config, str)
+                           else check_data_config(data_config, what))
+        backbones.append(BackboneEntry(b["name"], weights, b["weights_file"], b["input_size"], b["model"],
+                                       data_config))
     if not backbones:
         raise ConfigError(f"{path}, line {lines['backbones']}: backbones is empty")
     stages: dict[str, dict | None] = {}
@@ -197,14 +217,12 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
 
 def _check_names(p: Pipeline) -> None:
     """Unknown models, heads, fusions and choices fail here, before any stage runs."""
-    from .backbones import resolve_backbone
     from .fusion import FUSIONS
     from .heads import head_spec
 
     for i, b in enumerate(p.backbones):
         try:
-            resolve_backbone(b.name, weights=b.weights if b.weights != "file" else "hub",
-                             weights_file=b.weights_file, input_size=b.input_size, seed=p.seed)
+            b.spec(p.seed)
         except FeatstackError as e:
             raise p.error(f"backbones[{i}]", str(e)) from None
     names = [b.name for b in p.backbones]
@@ -294,23 +312,18 @@ def _say(msg: str) -> None:
     print(f"featstack run: {msg}", file=sys.stderr, flush=True)
 
 
-def _spec(p: Pipeline, b: BackboneEntry, input_size: int | None):
-    from .backbones import resolve_backbone
-    return resolve_backbone(b.name, weights=b.weights if b.weights != "file" else "hub",
-                            weights_file=b.weights_file, input_size=b.input_size or input_size, seed=p.seed)
-
-
 def _cached_backbone_valid(cache, spec, ex: dict, dataset_fp: str) -> bool:
     """True when the cache already holds this exact backbone, complete, for this dataset.
 
     Weights from a file are always re-checked by loading (the file may have changed in place);
     hub and seeded random-init weights are named exactly by the spec.
     """
-    from dataclasses import asdict
+    from .backbones import BackboneSpec
     if spec.weights == "file" or spec.key not in cache.backbones or cache.dataset_fingerprint != dataset_fp:
         return False
     meta = cache.backbone_info(spec.key)
-    return (meta.get("spec") == json.loads(json.dumps(asdict(spec)))
+    cached = meta.get("spec")
+    return (isinstance(cached, dict) and BackboneSpec.from_dict(cached).as_dict() == spec.as_dict()
             and meta.get("preprocess") == ex["preprocess"] and meta.get("dtype") == ex["dtype"])
 
 
@@ -321,7 +334,7 @@ def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
 
     ex = p.stages["extract"]
     source = open_source(p.data)
-    specs = [_spec(p, b, ex["input_size"]) for b in p.backbones]
+    specs = [b.spec(p.seed, ex["input_size"]) for b in p.backbones]
     todo = specs
     if Path(p.cache).exists():
         try:

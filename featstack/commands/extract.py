@@ -16,12 +16,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="image folder (class subfolders, optionally under train/ val/ test/), a CSV or "
                         "JSONL manifest (path,label[,split][,id]), or 'demo' (bundled digits)")
-    p.add_argument("--backbones", required=True, help="comma-separated backbone keys (timm model names)")
+    p.add_argument("--backbones", required=True,
+                   help="comma-separated backbone keys: timm model names, tv:NAME (torchvision), "
+                        "NAME=ARCH (your own name, e.g. two weightings of one model), ARCH@LAYER[:POOL] "
+                        "(an intermediate layer pooled avg|max|avgmax|cls, e.g. resnet50@layer3:avg)")
     p.add_argument("--cache", default=None, help="cache index path (default: cache/<data name>.h5)")
     p.add_argument("--weights", default="hub", choices=["hub", "none"],
                    help="hub = timm pretrained weights (default); none = seeded random init")
     p.add_argument("--weights-file", action="append", default=[], metavar="KEY=PATH",
-                   help="local .safetensors/.pth weights for one backbone (repeatable)")
+                   help="local .safetensors/.pth weights for one backbone (repeatable); timm, torchvision "
+                        "and efficientnet_pytorch layouts are converted; package:MODULE/PATH names a file "
+                        "inside an installed Python package")
+    p.add_argument("--data-config", action="append", default=[], metavar="KEY=JSON|FILE",
+                   help="override a backbone's preprocessing (input_size, interpolation, mean, std, crop_pct, "
+                        "crop_mode) with a JSON object or a JSON/YAML file (repeatable; part of the fingerprint)")
     p.add_argument("--input-size", type=int, default=None, help="override every backbone's square input size")
     p.add_argument("--seed", type=int, default=0, help="seed of random-init weights (--weights none)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -51,14 +59,26 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def parse_weights_files(items: list[str]) -> dict:
+def parse_key_values(items: list[str], flag: str = "--weights-file", what: str = "PATH") -> dict:
+    """``KEY=VALUE`` items of a repeatable flag → {KEY: VALUE}."""
     out = {}
     for item in items:
-        key, sep, path = item.partition("=")
-        if not sep or not key or not path:
-            raise ConfigError(f"--weights-file {item!r}: expected KEY=PATH")
-        out[key.strip()] = path.strip()
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"{flag} {item!r}: expected KEY={what}")
+        out[key.strip()] = value.strip()
     return out
+
+
+def parse_weights_files(items: list[str]) -> dict:
+    return parse_key_values(items)
+
+
+def parse_data_configs(items: list[str]) -> dict:
+    from ..backbones import parse_data_config
+
+    return {k: parse_data_config(v, f"--data-config {k}")
+            for k, v in parse_key_values(items, "--data-config", "JSON|FILE").items()}
 
 
 def default_cache_path(data: str) -> str:
@@ -75,7 +95,8 @@ def run(args) -> int:
     with dist_context() as (rank, world):
         res = extract(
             args.data, backbones, cache, weights=args.weights,
-            weights_files=parse_weights_files(args.weights_file), input_size=args.input_size,
+            weights_files=parse_weights_files(args.weights_file),
+            data_configs=parse_data_configs(args.data_config), input_size=args.input_size,
             seed=args.seed, device=args.device, precision=args.precision, batch_size=args.batch_size,
             workers=args.workers, threads=args.threads, preprocess=args.preprocess, decode=args.decode,
             compile=args.compile, dtype=args.dtype,
@@ -86,4 +107,6 @@ def run(args) -> int:
         print(f"{cache}: {res.n_samples} samples, {res.rows_processed} rows extracted, "
               f"{res.shards_written} shards written, {res.shards_skipped} skipped, {res.errors} errors "
               f"in {res.seconds:.1f}s{' (' + ips + ')' if ips else ''}")
+        if res.random_init:
+            print(f"RANDOM INIT (seeded, not pretrained; features are a baseline only): {', '.join(res.random_init)}")
     return 0
