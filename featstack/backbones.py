@@ -524,6 +524,9 @@ class LoadedBackbone:
             meta["source"] = self.spec.source
         if self.spec.layer:
             meta["layer"] = f"{self.spec.layer}:{self.spec.pool}"
+        if self.spec.weights == "file":  # lets a pipeline see an unchanged file without loading it
+            from .checkpoints import sha256_file
+            meta["weights_file_sha256"] = sha256_file(self.spec.weights_file)
         return meta
 
 

@@ -315,13 +315,17 @@ def _say(msg: str) -> None:
 def _cached_backbone_valid(cache, spec, ex: dict, dataset_fp: str) -> bool:
     """True when the cache already holds this exact backbone, complete, for this dataset.
 
-    Weights from a file are always re-checked by loading (the file may have changed in place);
-    hub and seeded random-init weights are named exactly by the spec.
+    Weights from a file count as unchanged when the file's sha256 is the one recorded at
+    extraction (else they are re-checked by loading); hub and seeded random-init weights are
+    named exactly by the spec.
     """
     from .backbones import BackboneSpec
-    if spec.weights == "file" or spec.key not in cache.backbones or cache.dataset_fingerprint != dataset_fp:
+    from .checkpoints import sha256_file
+    if spec.key not in cache.backbones or cache.dataset_fingerprint != dataset_fp:
         return False
     meta = cache.backbone_info(spec.key)
+    if spec.weights == "file" and meta.get("weights_file_sha256") != sha256_file(spec.weights_file):
+        return False
     cached = meta.get("spec")
     return (isinstance(cached, dict) and BackboneSpec.from_dict(cached).as_dict() == spec.as_dict()
             and meta.get("preprocess") == ex["preprocess"] and meta.get("dtype") == ex["dtype"])

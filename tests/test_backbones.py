@@ -278,3 +278,85 @@ def test_state_dict_sha_is_stable_for_seeded_init():
     a = build_backbone(resolve_backbone("test_resnet", weights="none", seed=1))
     b = build_backbone(resolve_backbone("test_resnet", weights="none", seed=1))
     assert a.weights_sha256 == b.weights_sha256 == state_dict_sha256(a.model)
+
+
+# --------------------------------------------------------------------------- source classifier rows
+def test_source_classes_file_rows_from_the_real_mobilenet_v2(tmp_path):
+    import timm.data
+
+    from featstack.export import decode_squares, export_model, load_network
+    from featstack.data import open_source
+    from featstack.finetune import init_from_source_classifier
+    from featstack.models import train_model
+
+    path = require_weights("mobilenet_v2")
+    rng = np.random.default_rng(0)
+    china = _photo()
+    root = write_image_folder(tmp_path / "photos", classes=("other", "third"), per_class={"train": 4, "test": 2})
+    for split, n in (("train", 4), ("test", 2)):
+        (root / split / "Summer_Palace").mkdir()
+        for i in range(n):  # crops of the palace photo
+            left, top = int(rng.integers(0, 200)), int(rng.integers(0, 100))
+            china.crop((left, top, left + 400, top + 320)).save(root / split / "Summer_Palace" / f"{i}.jpg")
+    cache = tmp_path / "c.h5"
+    extract(str(root), ["mnv2=mobilenetv2_100"], cache, weights_files={"mnv2": path}, progress=False)
+    train_model(cache, ["mnv2"], "logreg", "single", out=tmp_path / "m")
+    net = load_network(export_model(tmp_path / "m", tmp_path / "net"))
+    # a label list that is not ImageNet's names: one name a line, in the classifier's row order
+    info = timm.data.ImageNetInfo()
+    names = [info.index_to_description(i).split(",")[0] for i in range(1000)]
+    names[698] = "Summer Palace"
+    (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
+    source = open_source(str(root))
+    rows = np.arange(len(source))
+    x = decode_squares(source, rows, net.input_side)
+    with torch.no_grad():
+        before = net.predict(x)
+    res = init_from_source_classifier(net, tmp_path / "labels.txt")
+    assert {c: m["index"] for c, m in res["matched"].items()} == {"Summer_Palace": 698}
+    lb = build_backbone(resolve_backbone("mobilenetv2_100", weights_file=path), classifier=True)
+    row = net.head.weight[net.classes.index("Summer_Palace")].float()
+    assert torch.nn.functional.cosine_similarity(row, lb.classifier["weight"][698], dim=0) > 0.9999
+    with torch.no_grad():
+        after = net.predict(x)
+        feats = net.features(x)
+        source_top1 = torch.nn.functional.linear(feats, lb.classifier["weight"], lb.classifier["bias"]).argmax(1)
+    palace = np.array([source.samples.classes[label] == "Summer_Palace" for label in source.samples.labels])
+    # the palace photos: the source model says palace, and so does the initialised head
+    assert (source_top1[palace] == 698).all()
+    assert all(net.classes[int(i)] == "Summer_Palace" for i in after[palace])
+    # rescaled rows mix with the fitted ones: the other photos keep their predictions
+    assert torch.equal(after[~palace], before[~palace])
+    with pytest.raises(ConfigError, match="names 3 classes, the pretrained classifier has 1000 rows"):
+        (tmp_path / "short.txt").write_text("a\nb\nc\n")
+        init_from_source_classifier(net, tmp_path / "short.txt")
+
+
+# --------------------------------------------------------------------------- the demo
+def test_demo_backbones_pretrained_beat_random_on_test_split(tmp_path):
+    """The shipped demo's real MobileNetV2 against its random-init control (inputs shrunk to the
+    digits' own 32 px to keep the test short): pretrained features transfer, random ones less."""
+    import yaml
+
+    from featstack.pipeline import run_pipeline
+
+    require_weights("mobilenet_v2")
+    demo = yaml.safe_load((REPO / "pipelines" / "demo.yaml").read_text())
+    keep = [b for b in demo["backbones"] if b["name"] in ("mnv2_in1k", "mnv2_random")]
+    for b in keep:
+        b["data_config"]["input_size"] = 32
+    demo.update(backbones=keep, cache=str(tmp_path / "demo.h5"), out=str(tmp_path / "run"), report=True,
+                bench={"heads": ["logreg"], "fusions": ["single"], "max_size": 1, "cv": 2, "n_jobs": 1},
+                train={"model": "best", "out": str(tmp_path / "model")})
+    demo.pop("export", None)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(demo))
+    run_pipeline(path)
+    rows = json.loads((tmp_path / "run" / "bench.json").read_text())["rows"]
+    acc = {r["backbones"]: r["test_accuracy"] for r in rows}
+    assert acc["mnv2_in1k"] > acc["mnv2_random"] + 0.05, acc
+    assert {r["backbones"]: r["random_init"] for r in rows} == {"mnv2_in1k": "", "mnv2_random": "mnv2_random"}
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Pretrained vs random init" in md
+    table = md.split("## Pretrained vs random init")[1].split("##")[0]
+    assert "| mnv2_in1k | mobilenetv2_100 | pretrained |" in table and "| mnv2_random | mobilenetv2_100 | RANDOM INIT |" in table

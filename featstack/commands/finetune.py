@@ -40,7 +40,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: cores - 1, at most 4)")
     p.add_argument("--init-from-source-classifier", action="store_true",
                    help="initialise head rows of classes whose names match the backbone's pretrained "
-                        "ImageNet classes from its own classifier (single-backbone logreg/linear-svm)")
+                        "ImageNet classes (or --source-classes) from its own classifier, rescaled to the "
+                        "head's scale (single-backbone logreg/linear-svm)")
+    p.add_argument("--source-classes", default=None, metavar="FILE",
+                   help="the pretrained classifier's label list, one class name a line in row order "
+                        "(default: ImageNet's, from the classifier's size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     return p
 
@@ -55,7 +59,8 @@ def run(args) -> int:
     res = finetune(args.network, args.data, out=out, epochs=args.epochs, freeze=args.freeze, lr=args.lr,
                    backbone_lr_scale=args.backbone_lr_scale, weight_decay=args.weight_decay,
                    batch_size=args.batch_size, device=args.device, precision=args.precision,
-                   init_from_source=args.init_from_source_classifier, val_fraction=args.val_fraction,
+                   init_from_source=args.init_from_source_classifier or bool(args.source_classes),
+                   source_classes=args.source_classes, val_fraction=args.val_fraction,
                    seed=args.seed, workers=workers, bn=args.bn, warmup=args.warmup, progress=not args.no_progress)
     if res.init:
         print(f"head rows initialised from the {res.init['label_set']} classifier: "
