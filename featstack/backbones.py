@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import functools
 import hashlib
 import importlib.util
 import json
@@ -30,16 +31,17 @@ import os
 import re
 import socket
 import urllib.parse
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import timm
-import timm.data
-
+from . import timm_names
+from .config import WEIGHT_SOURCES  # noqa: F401  (one list: the extract setting)
 from .errors import BackboneError, ConfigError
 
-WEIGHT_SOURCES = ("hub", "none", "file")
+if TYPE_CHECKING:  # torch and timm load only when a model is built: `run --check` stays light
+    import torch
+
 POOLS = ("avg", "max", "avgmax", "cls")
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
@@ -102,6 +104,8 @@ register_backbone("test_vit-64", "test_vit", input_size=64)
 @contextlib.contextmanager
 def _seeded(seed: int):
     """Random init from ``seed``, without disturbing the caller's random state."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
@@ -145,12 +149,14 @@ class TimmSource(BackboneSource):
     layers = True
 
     def is_model(self, arch: str) -> bool:
-        return timm.is_model(arch.split(".", 1)[0])
+        return timm_names.is_model(arch)
 
     def model_names(self, pattern: str = "*") -> list[str]:
-        return timm.list_models(pattern)
+        return [n for n in timm_names.list_models() if fnmatch.fnmatch(n, pattern)]
 
     def _create(self, spec: BackboneSpec, pretrained: bool, **extra) -> torch.nn.Module:
+        import timm
+
         kwargs = dict(spec.model_kwargs, **extra)
         if spec.input_size:
             try:  # ViT-style models fix their input size at construction
@@ -165,6 +171,8 @@ class TimmSource(BackboneSource):
         return model, ((classifier,) if isinstance(classifier, str) else tuple(classifier))
 
     def data_config(self, model: torch.nn.Module, spec: BackboneSpec) -> dict:
+        import timm.data
+
         return dict(timm.data.resolve_model_data_config(model))
 
     def dim(self, model: torch.nn.Module) -> int:
@@ -188,14 +196,13 @@ class TorchvisionSource(BackboneSource):
     weights = ("none", "file")
 
     def model_names(self, pattern: str = "*") -> list[str]:
-        import torchvision.models
-
-        return [n for n in torchvision.models.list_models(module=torchvision.models) if fnmatch.fnmatch(n, pattern)]
+        return [n for n in _torchvision_classifiers() if fnmatch.fnmatch(n, pattern)]
 
     def is_model(self, arch: str) -> bool:
-        return arch in self.model_names()
+        return arch in _torchvision_classifiers()
 
     def create(self, spec: BackboneSpec, pretrained: bool = False) -> tuple[torch.nn.Module, tuple]:
+        import torch
         import torchvision.models
 
         model = torchvision.models.get_model(spec.timm_name, weights=None, **spec.model_kwargs)
@@ -226,6 +233,8 @@ class TorchvisionSource(BackboneSource):
         return get_model_weights(spec.timm_name).DEFAULT if entries else None
 
     def data_config(self, model: torch.nn.Module, spec: BackboneSpec) -> dict:
+        import timm.data
+
         entry = self._weights_entry(spec)
         t = entry.transforms() if entry is not None else None
         crop = int(t.crop_size[0]) if t is not None else 224
@@ -240,9 +249,34 @@ class TorchvisionSource(BackboneSource):
         return int(model.featstack_dim)
 
 
+_TV_BUILDER = re.compile(r"^@register_model\([^)]*\)\s*\n(?:@[^\n]*\n(?:[ \t)][^\n]*\n)*)*def\s+(\w+)\(", re.M)
+
+
+@functools.lru_cache(maxsize=1)
+def _torchvision_classifiers() -> tuple:
+    """torchvision's classification model names (``torchvision.models.list_models(module=
+    torchvision.models)``), read from its sources so that checking a key imports no torch; the
+    builders are registered in ``torchvision/models/*.py`` (detection, segmentation, video, ...
+    live in subpackages)."""
+    found = importlib.util.find_spec("torchvision")
+    names: set = set()
+    if found is not None and found.origin:
+        try:
+            for file in sorted((Path(found.origin).parent / "models").glob("*.py")):
+                names.update(_TV_BUILDER.findall(file.read_text(encoding="utf-8")))
+        except OSError:
+            names = set()
+    if not names:
+        import torchvision.models
+        names = set(torchvision.models.list_models(module=torchvision.models))
+    return tuple(sorted(names))
+
+
 def _children_group_matcher(model: torch.nn.Module):
     """timm-style ``group_matcher`` for a model without one: groups are the top-level children
     in order, a ``Sequential`` of stages (torchvision's ``features``) split into its items."""
+    import torch
+
     order: dict[str, int] = {}
     for name, child in model.named_children():
         if isinstance(child, torch.nn.Sequential) and len(child) > 2:
@@ -383,12 +417,14 @@ _LAYER_RE = re.compile(r"^(?P<arch>[^@]+)@(?P<layer>[^:@]+)(?::(?P<pool>[^:@]*))
 
 
 def resolve_backbone(key: str, *, weights: str = "hub", weights_file: str | os.PathLike | None = None,
-                     input_size: int | None = None, seed: int = 0, data_config: dict | None = None,
+                     input_size: int | None = None, seed: int = 0, data_config: dict | str | None = None,
                      name: str | None = None) -> BackboneSpec:
     """Turn a key (``[NAME=]ARCH[@LAYER[:POOL]]``) and options into a spec, checking the name,
     the weights and the data config up front."""
     alias, key = split_key(key)
     name = name or alias
+    if isinstance(data_config, str):  # --data-config KEY=JSON|FILE as given on the command line
+        data_config = parse_data_config(data_config, f"--data-config {name or key}")
     if not key:
         raise ConfigError("empty backbone name")
     arch, layer, pool = key, None, None
@@ -432,37 +468,6 @@ def resolve_backbone(key: str, *, weights: str = "hub", weights_file: str | os.P
 
 
 # --------------------------------------------------------------------------- intermediate layers
-class IntermediateEmbedding(torch.nn.Module):
-    """Pooled features of one intermediate stage/block of a timm model (``forward_intermediates``;
-    the layers above it are pruned away)."""
-
-    def __init__(self, model: torch.nn.Module, index: int, pool: str):
-        super().__init__()
-        self.model, self.index, self.pool = model, int(index), pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool == "cls":
-            _, prefix = self.model.forward_intermediates(x, indices=[self.index], intermediates_only=True,
-                                                         return_prefix_tokens=True)[0]
-            return prefix[:, 0]
-        feat = self.model.forward_intermediates(x, indices=[self.index], intermediates_only=True)[0]
-        if self.pool == "avg":
-            return feat.mean((2, 3))
-        if self.pool == "max":
-            return feat.amax((2, 3))
-        return 0.5 * (feat.mean((2, 3)) + feat.amax((2, 3)))
-
-    def group_matcher(self, coarse: bool = False):
-        """The inner model's parameter groups (for fine-tuning's freeze policy)."""
-        from timm.models import group_parameters
-
-        if not hasattr(self.model, "group_matcher"):
-            return _children_group_matcher(self.model)(coarse)
-        groups = group_parameters(self.model, self.model.group_matcher(coarse=coarse))
-        table = {f"model.{n}": i for i, names in enumerate(groups.values()) for n in names}
-        return lambda name: table.get(name, len(groups))
-
-
 def _layer_index(model: torch.nn.Module, spec: BackboneSpec) -> tuple[int, int]:
     """(index into the model's feature_info, channels there) of ``spec.layer`` (a module name
     such as ``layer3`` / ``blocks.8``, or an index)."""
@@ -486,6 +491,8 @@ def select_layer(model: torch.nn.Module, spec: BackboneSpec) -> tuple[torch.nn.M
     if spec.pool == "cls" and not (getattr(model, "num_prefix_tokens", 0) and getattr(model, "cls_token", None) is not None):
         raise BackboneError(f"backbone {spec.key!r}: {spec.timm_name} has no class token; pool with "
                             "avg, max or avgmax")
+    from .layers import IntermediateEmbedding
+
     if hasattr(model, "prune_intermediate_layers"):
         model.prune_intermediate_layers([i], prune_norm=True, prune_head=True)
     return IntermediateEmbedding(model, i, spec.pool).eval(), dim
@@ -508,6 +515,9 @@ class LoadedBackbone:
     def metadata(self) -> dict:
         """Cache metadata for this backbone (what the fingerprint is computed from)."""
         import platform
+
+        import timm
+        import torch
         meta = {
             "key": self.spec.key,
             "timm_name": self.spec.timm_name,
@@ -536,6 +546,8 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     One hash for every weights source: hub, file and seeded random init alike, so a cache
     records exactly which numbers produced its features.
     """
+    import torch
+
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()

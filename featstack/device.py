@@ -10,9 +10,8 @@ from contextlib import nullcontext
 
 import torch
 
+from .config import PRECISIONS  # one list: the extract/finetune setting
 from .errors import ConfigError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -46,15 +46,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .backbones import BackboneSpec, LoadedBackbone, build_backbone, resolve_backbone, split_key
 from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text
 from .data import FileSource, ImageDecodeError, Source, open_source
-from .device import PRECISIONS, autocast_context, resolve_device, resolve_precision  # noqa: F401 - re-exported
+from .config import DECODE_MODES, PRECISIONS, STORAGE_DTYPES  # noqa: F401 - defined once, with the settings
+from .device import autocast_context, resolve_device, resolve_precision  # noqa: F401 - re-exported
 from .distributed import all_sum, barrier, local_world_size
 from .errors import ConfigError
 from .preprocess import (PREPROCESS_MODES, DevicePreprocessor, center_square, decode_resolution,
                          decode_square, gpu_jpeg_decode_available, is_plain_jpeg, reference_transform,
                          squares_from_jpeg_bytes)
 
-STORAGE_DTYPES = ("float16", "float32")
-DECODE_MODES = ("auto", "cpu", "gpu")
 # Device types on which decode="gpu" (batched torchvision.io.decode_jpeg on the extraction
 # device) is allowed. Only CUDA makes sense for users; tests add "cpu" to run the same path.
 _DEVICE_DECODE_TYPES = ("cuda",)

@@ -360,3 +360,13 @@ def test_demo_backbones_pretrained_beat_random_on_test_split(tmp_path):
     assert "## Pretrained vs random init" in md
     table = md.split("## Pretrained vs random init")[1].split("##")[0]
     assert "| mnv2_in1k | mobilenetv2_100 | pretrained |" in table and "| mnv2_random | mobilenetv2_100 | RANDOM INIT |" in table
+
+
+def test_checking_keys_imports_no_torch():
+    """Resolving keys (what `run --check` does) reads names from the libraries' sources."""
+    code = ("import sys; from featstack.backbones import resolve_backbone, _torchvision_classifiers as tv\n"
+            "resolve_backbone('a=tv:mobilenet_v2', weights='none'); resolve_backbone('resnet50@layer3:max')\n"
+            "assert not {'torch', 'timm', 'torchvision'} & set(sys.modules), sys.modules.keys()\n"
+            "import torchvision.models as m; assert set(tv()) == set(m.list_models(module=m))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
