@@ -52,7 +52,7 @@ from .cache import Cache, open_cache
 from .errors import CacheError, CacheMismatchError, ConfigError, DataError
 from .fusion import (FUSIONS, check_fusion, proba_from_prediction, scores_from_prediction,
                      stack_method)
-from .heads import create_head, head_spec
+from .heads import create_head, head_spec, labels_from_decision
 
 BACKENDS = ("loky", "threading", "dask")
 CSV_COLUMNS = ["rank", "backbones", "head", "fusion", "size", "cv_accuracy_mean", "cv_accuracy_std",
@@ -219,7 +219,9 @@ def _base(tag, X, y, train_idx, test_idx, head, tune, random_state, cv, need_oof
     est = clone(proto).fit(Xtr, ytr)
     fit_s = time.perf_counter() - t0
     raw = getattr(est, method)(Xte) if len(Xte) else None
-    pred = est.predict(Xte) if len(Xte) else np.empty(0, dtype=ytr.dtype)
+    pred = labels_from_decision(est, raw) if raw is not None and method == "decision_function" else None
+    if pred is None:  # one pass over the test rows when the labels follow from the scores
+        pred = est.predict(Xte) if len(Xte) else np.empty(0, dtype=ytr.dtype)
     oof, oof_s = None, 0.0
     if need_oof:
         t0 = time.perf_counter()
