@@ -20,11 +20,12 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .errors import BackboneError
+
+if TYPE_CHECKING:  # torch loads only when a checkpoint is read: sha256_file stays light
+    import torch
 
 # ``num_batches_tracked`` only counts BatchNorm updates; older checkpoints lack it.
 _OPTIONAL_LEAVES = ("num_batches_tracked",)
@@ -84,6 +85,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Tensors of a .safetensors/.pth/.pt/.bin file (``state_dict``/EMA wrappers unwrapped by
     timm's reader; pickles only with ``weights_only=True``; ``module.`` prefixes dropped)."""
+    import torch
     from timm.models import load_state_dict
 
     try:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .config import BN_MODES, default_finetune_workers
+from .config import BN_MODES, PRECISIONS, default_finetune_workers  # noqa: F401 - PRECISIONS re-exported
 from .errors import BackboneError, ConfigError, DataError
 from .export import (NETWORK_JSON, FeatstackNet, LinearHead, _spec_from_info, decode_squares, load_network,
                      read_network_config, save_network)

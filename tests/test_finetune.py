@@ -241,7 +241,7 @@ def test_init_from_source_classifier(fish, demo):
     fc = fish["full"].get_classifier()
     # copied rows, rescaled to the head's scale: the median row norm of the fitted head
     s = info["scale"]
-    assert s == pytest.approx(float(w0.float().norm(dim=1).median() / fc.weight[[1, 0]].norm(dim=1).median()))
+    assert s == pytest.approx(float(w0.float().norm(dim=1).median() / fc.weight.detach()[[1, 0]].norm(dim=1).median()))
     torch.testing.assert_close(net.head.weight[0].float(), fc.weight[1] * s)
     torch.testing.assert_close(net.head.bias[1].float() - net.head.bias[0].float(), (fc.bias[0] - fc.bias[1]) * s)
     assert torch.equal(net.head.weight[2], w0[2])
