@@ -10,7 +10,8 @@ import sys
 from . import __version__
 from .errors import FeatstackError
 
-COMMANDS = ["run", "extract", "info", "bench", "train", "predict", "evaluate", "export", "finetune", "report"]
+COMMANDS = ["run", "extract", "info", "bench", "train", "predict", "evaluate", "export", "finetune", "report",
+            "weights"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,12 +121,33 @@ def random_init_banner(cache) -> str | None:
     """The warning a reader must see first: backbones without pretrained weights."""
     if cache is None:
         return None
-    keys = [b["key"] for b in cache.summary()["backbones"] if str(b.get("weights")) == "none"]
+    keys = [b["key"] for b in cache.summary()["backbones"] if _is_random(b)]
     if not keys:
         return None
     return (f"Random-init backbone{'s' if len(keys) > 1 else ''}: {', '.join(keys)} "
             f"{'have' if len(keys) > 1 else 'has'} random weights (--weights none), not pretrained ones. "
             "Their scores say nothing about transfer learning; use them for smoke tests only.")
+
+
+def _is_random(b: dict) -> bool:
+    return bool(b.get("random_init")) or str(b.get("weights")) == "none"
+
+
+def pretrained_vs_random(cache, rows: list[dict]) -> Table | None:
+    """One line per backbone: pretrained or RANDOM INIT beside its best single-backbone scores, so
+    pretrained features and a random-init control read side by side (None without a random one)."""
+    backbones = cache.summary()["backbones"]
+    if not any(_is_random(b) for b in backbones):
+        return None
+    single = [r for r in rows if r.get("fusion") == "single"]
+    out = []
+    for b in sorted(backbones, key=_is_random):
+        best = max((r for r in single if r.get("backbones") == b["key"]),
+                   key=lambda r: r["cv_accuracy_mean"], default={})
+        out.append([b["key"], str(b["timm_name"]), "RANDOM INIT" if _is_random(b) else "pretrained",
+                    str(best.get("head", "–")), _fmt(best.get("cv_accuracy_mean")), _fmt(best.get("test_accuracy"))])
+    return Table(["Backbone", "timm model", "Weights", "Best head", "CV accuracy", "Test accuracy"], out,
+                 numeric={4, 5})
 
 
 def _dataset_section(cache, ctx: dict) -> Section:
@@ -161,7 +182,7 @@ def _backbone_section(cache, ctx: dict) -> Section:
         size = (info.get("data_config") or {}).get("input_size")
         rows.append([b["key"], str(b["timm_name"]), str(b["dim"]),
                      "x".join(str(v) for v in size[1:]) if size else "–",
-                     "random init" if b["weights"] == "none" else str(b["weights"]),
+                     "random init" if _is_random(b) else str(b["weights"]),
                      f"{ips:.1f}" if ips else "–"])
     blocks: list = [Table(["Backbone", "timm model", "Embedding size", "Input size", "Weights",
                            "Extraction (images/s)"], rows, numeric={2, 5})]
@@ -554,6 +575,10 @@ def build_report(folder, *, context: dict | None = None, cache=None) -> Path:
     sections: list[Section] = []
     if cache is not None:
         sections += [_dataset_section(cache, ctx), _backbone_section(cache, ctx)]
+    if cache is not None and rows:
+        table = pretrained_vs_random(cache, rows)
+        if table is not None:
+            sections.append(Section("Pretrained vs random init", [table]))
     if rows:
         sections += [_ranking_section(rows, bench, out), _cost_section(rows, cache, out)]
     if cache is not None:
