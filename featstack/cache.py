@@ -53,7 +53,7 @@ FINGERPRINT_FIELDS = (
     "dataset_fingerprint",
 )
 # Counted in the fingerprint when present (extracted backbones record them; array caches do not).
-OPTIONAL_FINGERPRINT_FIELDS = ("decode",)
+OPTIONAL_FINGERPRINT_FIELDS = ("decode", "preprocess_version")
 
 
 def _sha256(*parts: bytes) -> str:
