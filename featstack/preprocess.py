@@ -69,11 +69,12 @@ PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX,
 DEVICE_FILTERS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
 #: A JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT domain, ``Image.draft``) only when the reduced
 #: image is still at least this many times larger, on each side, than every backbone resizes it
-#: to. Measured on the real MobileNetV2 / EfficientNet-Lite0 weights, fast vs full decode over
-#: photos 3-6x larger than needed (scripts in the README): gap 1 gives raw cosine down to 0.992,
-#: gap 2 0.996 (grainy photos), gap 3 >= 0.9998 with identical top-1; a 12-megapixel JPEG then
-#: decodes at 1/2 scale (about 0.75x the time of a full decode) instead of 1/4.
-DRAFT_GAP = 3.0
+#: to. Measured on the real MobileNetV2 / EfficientNet-Lite0 weights against a full decode, over
+#: photos 3-6x larger than needed: gap 1 (the earlier rule) raw cosine down to 0.992, gap 2
+#: down to 0.996 (a grainy photo; 0.9995 on real photos), gap 3 >= 0.9998, top-1 identical
+#: from gap 1.5 on. CPU cost per 12-megapixel JPEG (3 backbones): gap 1 30 ms, 2 47 ms, 3 65 ms
+#: (README, "Preprocessing"). 2 keeps every image well inside the 0.99 agreement target.
+DRAFT_GAP = 2.0
 
 
 class UnsupportedPreprocessing(ValueError):
