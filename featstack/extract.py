@@ -48,15 +48,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .backbones import BackboneSpec, LoadedBackbone, load_backbone, resolve_backbone
 from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text
 from .data import FileSource, ImageDecodeError, Source, open_source
+from .config import DECODE_MODES, PRECISIONS, STORAGE_DTYPES  # defined once, with the settings
 from .distributed import all_sum, barrier, local_world_size
 from .errors import ConfigError
 from .preprocess import (DEVICE_FILTERS, PREPROCESS_MODES, PREPROCESS_VERSION, Normalizer, decode_for,
                          gpu_jpeg_decode_available, images_from_jpeg_bytes, is_plain_jpeg, recipes_for,
                          reference_transform, render_all)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STORAGE_DTYPES = ("float16", "float32")
-DECODE_MODES = ("auto", "cpu", "gpu")
 # Device types on which decode="gpu" (batched torchvision.io.decode_jpeg on the extraction
 # device) is allowed. Only CUDA makes sense for users; tests add "cpu" to run the same path.
 _DEVICE_DECODE_TYPES = ("cuda",)
