@@ -53,7 +53,9 @@ FINGERPRINT_FIELDS = (
     "dataset_fingerprint",
 )
 # Counted in the fingerprint when present (extracted backbones record them; array caches do not).
-OPTIONAL_FINGERPRINT_FIELDS = ("decode", "preprocess_version")
+# "source" (a model family other than timm) and "layer" (an intermediate layer) likewise;
+# "preprocess_version" for the fast path (featstack.preprocess.PREPROCESS_VERSION).
+OPTIONAL_FINGERPRINT_FIELDS = ("decode", "source", "layer", "preprocess_version")
 
 
 def _sha256(*parts: bytes) -> str:
@@ -529,6 +531,7 @@ class Cache:
                     "dim": m.get("dim"),
                     "dtype": m.get("dtype"),
                     "weights": m.get("weights_source"),
+                    "random_init": m.get("weights_source") == "none",
                     "weights_sha256": m.get("weights_sha256"),
                     "preprocess": m.get("preprocess"),
                     "data_config": m.get("data_config"),

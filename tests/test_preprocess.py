@@ -117,22 +117,14 @@ def photos(tmp_path_factory):
 
 
 def _timm_checkpoint(name: str, arch: str, out) -> dict:
-    """The offline checkpoint converted to timm's key names by position (both layouts list the
-    same tensors in the same order and shapes); returns the converted state dict."""
-    from safetensors.torch import save_file
+    """The offline checkpoint converted by featstack's importer (`featstack weights convert`),
+    classifier included; returns the converted state dict."""
+    from safetensors.torch import load_file
 
-    src = torch.load(require_weights(name), map_location="cpu", weights_only=True)
-    own = timm.create_model(arch, pretrained=False).state_dict()
-    src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
-    dst_keys = [k for k in own if not k.endswith("num_batches_tracked")]
-    assert len(src_items) == len(dst_keys)
-    state = {}
-    for (sk, v), dk in zip(src_items, dst_keys):
-        assert tuple(v.shape) == tuple(own[dk].shape), (sk, dk)
-        state[dk] = v.contiguous()
-    state.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked")})
-    save_file(state, str(out))
-    return state
+    from featstack.checkpoints import convert_file
+
+    convert_file(require_weights(name), arch, out)
+    return load_file(str(out))
 
 
 @pytest.mark.parametrize("name,arch", [("mobilenet_v2", "mobilenetv2_100"),
@@ -145,7 +137,9 @@ def test_fast_agrees_with_reference_on_real_weights(photos, tmp_path, name, arch
     feats = {}
     for mode in ("fast", "reference"):
         cache = tmp_path / f"{mode}.h5"
-        extract(str(photos), [arch], cache, weights_files={arch: ckpt}, preprocess=mode, **BASE)
+        # the original .pth, through featstack's checkpoint importer
+        extract(str(photos), [arch], cache, weights_files={arch: str(require_weights(name))}, preprocess=mode,
+                **BASE)
         c = open_cache(cache)
         feats[mode], ids = c.features(arch), list(c.ids)
     fast, ref = feats["fast"], feats["reference"]
