@@ -733,31 +733,14 @@ def _block_dims(est, dims, n_features: int | None) -> list:
     return [int(d) for d in own]
 
 
-def export_head(estimator, dims: Sequence[int] | None = None, dtype: torch.dtype | str = torch.float64) -> HeadModule:
-    """A fitted head or fusion → a trainable torch module reproducing it on cached features.
-
-    ``estimator``: a Pipeline (scalers → LogisticRegression / LinearSVC / SVC / GaussianNB /
-    MultinomialNB / ComplementNB), one of those bare, a GridSearchCV around any of them, or a
-    featstack VoteClassifier / StackClassifier. ``dims`` (block widths of the feature columns)
-    is checked against the fusion's own; plain heads take all columns. ``dtype`` float64 gives
-    scikit-learn's numbers to ~1e-12; float32 to ~1e-6.
-    """
+def sklearn_head(estimator, dtype: torch.dtype) -> HeadModule:
+    """The "sklearn" head converter: a fitted Pipeline (scalers → LogisticRegression / LinearSVC
+    / SVC / GaussianNB / MultinomialNB / ComplementNB), one of those bare, or a GridSearchCV
+    around any of them."""
     from sklearn.pipeline import Pipeline
-    from .fusion import StackClassifier, VoteClassifier
 
-    dtype = _resolve_dtype(dtype)
     est = _unwrap(estimator)
     n_in = getattr(est, "n_features_in_", None)
-    if isinstance(est, (VoteClassifier, StackClassifier)):
-        if not hasattr(est, "estimators_"):
-            raise ExportError(f"{type(est).__name__} is not fitted: train it before exporting")
-        bdims = _block_dims(est, dims, n_in)
-        blocks = [export_head(b, [d], dtype) for b, d in zip(est.estimators_, bdims)]
-        if isinstance(est, VoteClassifier):
-            return VoteHead(blocks, bdims, est.classes_)
-        width = sum(b.scores(torch.zeros((0, d), dtype=dtype)).shape[1] for b, d in zip(blocks, bdims))
-        final = export_head(est.final_estimator_, [width], dtype)
-        return StackHead(blocks, final, bdims, est.classes_)
     if isinstance(est, Pipeline):
         steps = [s for _, s in est.steps if s is not None and s != "passthrough"]
         if not steps:
@@ -768,10 +751,93 @@ def export_head(estimator, dims: Sequence[int] | None = None, dtype: torch.dtype
     n_features = n_in if n_in is not None else getattr(clf, "n_features_in_", None)
     if n_features is None:
         raise ExportError(f"{type(est).__name__} is not fitted: train it before exporting")
-    if dims is not None and sum(int(d) for d in dims) != n_features:
-        raise ExportError(f"dims {tuple(int(d) for d in dims)} sum to {sum(int(d) for d in dims)}, "
-                          f"the head takes {n_features} features")
     return _export_classifier(clf, scalers, int(n_features), dtype)
+
+
+def _fitted_blocks(est, dims) -> list:
+    if not hasattr(est, "estimators_"):
+        raise ExportError(f"{type(est).__name__} is not fitted: train it before exporting")
+    return _block_dims(est, dims, getattr(est, "n_features_in_", None))
+
+
+def convert_plain(est, dims, dtype: torch.dtype, convert_head) -> HeadModule:
+    """The "head" fusion converter (single, concat): the head over all the columns."""
+    module = convert_head(_unwrap(est), dtype)
+    if dims is not None and sum(int(d) for d in dims) != module.n_features:
+        raise ExportError(f"dims {tuple(int(d) for d in dims)} sum to {sum(int(d) for d in dims)}, "
+                          f"the head takes {module.n_features} features")
+    return module
+
+
+def convert_vote(est, dims, dtype: torch.dtype, convert_head) -> HeadModule:
+    """The "vote" fusion converter: each block's head, probabilities averaged."""
+    bdims = _fitted_blocks(est, dims)
+    blocks = [convert_plain(b, [d], dtype, convert_head) for b, d in zip(est.estimators_, bdims)]
+    return VoteHead(blocks, bdims, est.classes_)
+
+
+def convert_stack(est, dims, dtype: torch.dtype, convert_head) -> HeadModule:
+    """The "stack" fusion converter: each block's head, their scores side by side, the
+    meta-learner (a scikit-learn classifier, converted by the "sklearn" converter)."""
+    bdims = _fitted_blocks(est, dims)
+    blocks = [convert_plain(b, [d], dtype, convert_head) for b, d in zip(est.estimators_, bdims)]
+    width = sum(b.scores(torch.zeros((0, d), dtype=dtype)).shape[1] for b, d in zip(blocks, bdims))
+    final = convert_plain(est.final_estimator_, [width], dtype, sklearn_head)
+    return StackHead(blocks, final, bdims, est.classes_)
+
+
+# The converters head and fusion specs name (featstack.heads.HeadSpec.converter,
+# featstack.fusion.FusionSpec.converter); a spec may also give a callable of the same form.
+HEAD_CONVERTERS = {"sklearn": sklearn_head}
+FUSION_CONVERTERS = {"head": convert_plain, "vote": convert_vote, "stack": convert_stack}
+
+
+def _converter(name_or_fn, table: dict, what: str):
+    if name_or_fn is None:
+        return None
+    if callable(name_or_fn):
+        return name_or_fn
+    if name_or_fn not in table:
+        raise ExportError(f"{what} names converter {name_or_fn!r}; known: {', '.join(table)}")
+    return table[name_or_fn]
+
+
+def model_converter(head: str, fusion: str):
+    """``convert(estimator, dims, dtype)`` for a saved model of ``head`` × ``fusion``, from their
+    specs; an ExportError naming the head (or fusion) whose spec names no torch converter, so
+    export refuses before writing anything."""
+    from .fusion import fusion_spec
+    from .heads import head_spec
+
+    hconv = _converter(head_spec(head).converter, HEAD_CONVERTERS, f"head {head!r}")
+    if hconv is None:
+        raise ExportError(f"head {head!r} cannot be exported to torch: its spec names no converter "
+                          "(register it with converter=... to export it)")
+    fconv = _converter(fusion_spec(fusion).converter, FUSION_CONVERTERS, f"fusion {fusion!r}")
+    if fconv is None:
+        raise ExportError(f"fusion {fusion!r} cannot be exported to torch: its spec names no converter")
+    return lambda est, dims, dtype: fconv(est, dims, _resolve_dtype(dtype), hconv)
+
+
+def export_head(estimator, dims: Sequence[int] | None = None, dtype: torch.dtype | str = torch.float64) -> HeadModule:
+    """A fitted head or fusion → a trainable torch module reproducing it on cached features.
+
+    ``estimator``: a Pipeline (scalers → LogisticRegression / LinearSVC / SVC / GaussianNB /
+    MultinomialNB / ComplementNB), one of those bare, a GridSearchCV around any of them, or the
+    estimator of a registered fusion (VoteClassifier / StackClassifier), whose blocks are
+    converted with the "sklearn" converter. ``dims`` (block widths of the feature columns)
+    is checked against the fusion's own; plain heads take all columns. ``dtype`` float64 gives
+    scikit-learn's numbers to ~1e-12; float32 to ~1e-6.
+    """
+    from .fusion import fusion_of_estimator
+
+    dtype = _resolve_dtype(dtype)
+    est = _unwrap(estimator)
+    spec = fusion_of_estimator(est)
+    convert = _converter(spec.converter, FUSION_CONVERTERS, f"fusion {spec.name!r}") if spec else None
+    if convert is None:
+        convert = convert_plain
+    return convert(est, dims, dtype, sklearn_head)
 
 
 # ============================================================================================
@@ -996,7 +1062,7 @@ def build_network(saved, cache, *, head_dtype: torch.dtype | str = torch.float64
             warnings.warn(f"backbone {key!r} was extracted with --preprocess {info.get('preprocess')}; "
                           "the network preprocesses with the fast path, so its features differ slightly "
                           "from the cached ones", stacklevel=2)
-    head = export_head(saved.estimator, saved.dims, head_dtype)
+    head = model_converter(saved.head, saved.fusion)(saved.estimator, saved.dims, head_dtype)
     models = [rebuild_backbone(info) for info in infos]
     for info, m in zip(infos, models):
         info["source_weights_sha256"] = info["weights_sha256"]
@@ -1164,6 +1230,7 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cache
     from .models import load_model
 
     saved = load_model(model_dir)
+    model_converter(saved.head, saved.fusion)  # refuse an unconvertible model before any work
     cache_path = cache or saved.meta.get("cache_path")
     if not cache_path:
         raise ConfigError(f"{model_dir}: the model records no cache path; pass --cache PATH (the cache it "

@@ -198,7 +198,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
 def _check_names(p: Pipeline) -> None:
     """Unknown models, heads, fusions and choices fail here, before any stage runs."""
     from .backbones import resolve_backbone
-    from .fusion import FUSIONS
+    from .fusion import list_fusions
     from .heads import head_spec
 
     for i, b in enumerate(p.backbones):
@@ -220,10 +220,11 @@ def _check_names(p: Pipeline) -> None:
 
     def fusions_ok(key: str, fusions: list) -> None:
         for j, f in enumerate(fusions):
-            if f not in FUSIONS:
-                close = difflib.get_close_matches(str(f), FUSIONS, n=1)
+            known = list_fusions()
+            if f not in known:
+                close = difflib.get_close_matches(str(f), known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise p.error(f"{key}[{j}]", f"unknown fusion {f!r}{hint}; known: {', '.join(FUSIONS)}")
+                raise p.error(f"{key}[{j}]", f"unknown fusion {f!r}{hint}; known: {', '.join(known)}")
 
     def backbones_ok(key: str, keys: list | None) -> None:
         for j, k in enumerate(keys or []):
@@ -309,9 +310,13 @@ def _cached_backbone_valid(cache, spec, ex: dict, dataset_fp: str) -> bool:
     from dataclasses import asdict
     if spec.weights == "file" or spec.key not in cache.backbones or cache.dataset_fingerprint != dataset_fp:
         return False
+    from .cache import SETTING_FINGERPRINT_FIELDS
     meta = cache.backbone_info(spec.key)
+    # every fingerprint field an extraction setting decides, unless left to "auto" (decided
+    # by the machine extraction runs on)
+    settings = [f for f in SETTING_FINGERPRINT_FIELDS if ex.get(f, "auto") != "auto"]
     return (meta.get("spec") == json.loads(json.dumps(asdict(spec)))
-            and meta.get("preprocess") == ex["preprocess"] and meta.get("dtype") == ex["dtype"])
+            and all(meta.get(f) == ex[f] for f in settings))
 
 
 def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
@@ -388,7 +393,11 @@ def _choose_model(p: Pipeline, rows: list[dict] | None) -> tuple[list[str], str,
         raise p.error("train.model", "the bench produced no results to choose from")
     if metric not in rows[0]:
         raise p.error("train.metric", f"{metric!r} is not a bench column ({', '.join(rows[0])})")
-    best = max(rows, key=lambda r: (float(r[metric]), -int(r.get("size", 1))))
+    from .bench import best_row
+    try:
+        best = best_row(rows, metric)
+    except FeatstackError as e:
+        raise p.error("train.metric", str(e)) from None
     return str(best["backbones"]).split("+"), str(best["head"]), str(best["fusion"])
 
 
