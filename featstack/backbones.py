@@ -223,3 +223,8 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Loa
     model.to(device)
     return LoadedBackbone(spec=spec, model=model, data_config=cfg, dim=int(getattr(model, "head_hidden_size", None) or model.num_features),
                           weights_sha256=sha)
+
+
+def list_backbone_sources() -> list[str]:
+    """Registered backbone sources (model families), in registration order."""
+    return ["timm"]
