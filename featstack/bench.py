@@ -229,7 +229,7 @@ def _fit_task(tag, srcs, y, train_idx, test_idx, proto):
     return tag, {"pred": pred, "fit_s": fit_s}
 
 
-def _combine_task(tag, combine, folds, n_classes, random_state):
+def _meta_task(tag, combine, folds, n_classes, random_state):
     """One (fusion, subset, head): per fold, the fusion's ``bench_combine`` over the shared
     per-backbone outputs (a stack fits its meta-learner here)."""
     out = {}
@@ -503,7 +503,7 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
     with bar:
         done = _run_tasks(base_tasks + fit_tasks, be, bar, scatter)
         combine_tasks = [
-            delayed(_combine_task)(("combine", fu, s, h), specs[fu].bench_combine,
+            delayed(_meta_task)(("combine", fu, s, h), specs[fu].bench_combine,
                                    {f: ([done[("base", k, h, f)] for k in s], y[tr]) for f, (tr, _) in folds.items()},
                                    len(classes), random_state)
             for s, fu in combined for h in head_list]
