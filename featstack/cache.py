@@ -58,9 +58,17 @@ OPTIONAL_FINGERPRINT_FIELDS = ("decode",)
 SETTING_FINGERPRINT_FIELDS = ("preprocess", "dtype", "decode")
 # What makes feature vectors comparable across caches (a saved model's fingerprint): the
 # cache's fields without the dataset (a model predicts on other datasets) and the storage dtype
-# (float16 and float32 storage of one extractor differ by rounding only).
-FEATURE_FINGERPRINT_FIELDS = tuple(f for f in FINGERPRINT_FIELDS + OPTIONAL_FINGERPRINT_FIELDS
-                                   if f not in ("dataset_fingerprint", "dtype"))
+# (float16 and float32 storage of one extractor differ by rounding only). "decode" counts as
+# null when absent (as in every model saved so far); other optional fields when present.
+FEATURE_FINGERPRINT_FIELDS = tuple(f for f in FINGERPRINT_FIELDS
+                                   if f not in ("dataset_fingerprint", "dtype")) + ("decode",)
+
+
+def feature_fingerprint_fields(meta: dict) -> dict:
+    """The part of a backbone's metadata a saved model's feature fingerprint covers."""
+    fields = {f: meta.get(f) for f in FEATURE_FINGERPRINT_FIELDS}
+    fields.update({f: meta[f] for f in OPTIONAL_FINGERPRINT_FIELDS if f in meta})
+    return fields
 
 
 def _sha256(*parts: bytes) -> str:

@@ -43,6 +43,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_paths
+from .cache import FINGERPRINT_FIELDS, OPTIONAL_FINGERPRINT_FIELDS
 from .errors import BackboneError, ConfigError, FeatstackError, read_format_json
 
 NETWORK_FORMAT = "featstack-network"
@@ -1004,8 +1005,10 @@ def _timm_version() -> str:
 # Building, saving and loading networks
 # --------------------------------------------------------------------------------------------
 
-_INFO_FIELDS = ("key", "timm_name", "weights_source", "weights_sha256", "data_config", "preprocess",
-                "dtype", "dim", "fingerprint", "spec")
+# What a network records of each backbone: what its features mean (the cache's fingerprint
+# fields, less the dataset), where its weights came from, and the spec that rebuilds it.
+_INFO_FIELDS = tuple(f for f in FINGERPRINT_FIELDS if f != "dataset_fingerprint") + OPTIONAL_FINGERPRINT_FIELDS + \
+    ("weights_source", "fingerprint", "spec")
 
 
 def _spec_from_info(info: dict):

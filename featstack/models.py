@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .cache import FEATURE_FINGERPRINT_FIELDS, Cache, open_cache
+from .cache import FEATURE_FINGERPRINT_FIELDS, Cache, feature_fingerprint_fields, open_cache  # noqa: F401
 from .atomic import atomic_paths
 from .errors import CacheError, CacheMismatchError, ConfigError, DataError, FeatstackError, read_format_json
 from .fusion import (FUSION_SPECS, build_model, check_backbone_count, check_class_counts, first_non_finite,
@@ -123,7 +123,7 @@ def _skops_io():
 def feature_fingerprint(info: dict) -> str:
     """sha256 of what makes a backbone's feature vectors comparable across caches (weights,
     preprocessing, width), leaving out the dataset and the storage dtype."""
-    payload = json.dumps({f: info.get(f) for f in FEATURE_FINGERPRINT_FIELDS}, sort_keys=True,
+    payload = json.dumps(feature_fingerprint_fields(info), sort_keys=True,
                          separators=(",", ":"), default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
