@@ -37,12 +37,12 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .config import DEFAULT_SHARD_ROWS  # noqa: F401  (one default: the extract setting)
 from .errors import CacheError, CacheMismatchError, DataError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 1 << 20
-DEFAULT_SHARD_ROWS = 1024
 _STR = h5py.string_dtype("utf-8")
 _SHARD_RE = re.compile(r"^(\d+)-(\d+)\.h5$")
 # Metadata fields that decide what a feature matrix means. Versions and paths are recorded

@@ -47,15 +47,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .backbones import BackboneSpec, LoadedBackbone, load_backbone, resolve_backbone
 from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text
 from .data import FileSource, ImageDecodeError, Source, open_source
+from .config import DECODE_MODES, PRECISIONS, STORAGE_DTYPES  # defined once, with the settings
 from .distributed import all_sum, barrier, local_world_size
 from .errors import ConfigError
 from .preprocess import (PREPROCESS_MODES, DevicePreprocessor, center_square, decode_resolution,
                          decode_square, gpu_jpeg_decode_available, is_plain_jpeg, reference_transform,
                          squares_from_jpeg_bytes)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STORAGE_DTYPES = ("float16", "float32")
-DECODE_MODES = ("auto", "cpu", "gpu")
 # Device types on which decode="gpu" (batched torchvision.io.decode_jpeg on the extraction
 # device) is allowed. Only CUDA makes sense for users; tests add "cpu" to run the same path.
 _DEVICE_DECODE_TYPES = ("cuda",)
