@@ -57,9 +57,11 @@ def scores_from_prediction(pred: np.ndarray, method: str, n_classes: int) -> np.
     Binary problems give ONE column (the positive-class probability, or the decision value)
     because the two probability columns are collinear; this is how scikit-learn's stacking
     builds its meta-features, so the meta-learner sees the same matrix (in the same dtype: a
-    float32 input gives float32 scores, exactly as there).
+    float32 input gives float32 scores, exactly as there). Array-likes with ``ndim`` (a torch
+    tensor of an exported head) keep their type.
     """
-    pred = np.asarray(pred)
+    if not hasattr(pred, "ndim"):
+        pred = np.asarray(pred)
     if pred.ndim == 1:
         return pred.reshape(-1, 1)
     if method == "predict_proba" and n_classes == 2:
@@ -390,7 +392,7 @@ class FusionSpec:
     bench fits ``build``'s estimator on the subset's columns per fold (always correct, never
     shared). ``needs_oof`` also means training needs ``cv`` rows of every class. ``allowed_types``:
     type names a saved estimator of this fusion holds besides its heads (skops allowlist).
-    ``converter``: a name in :data:`featstack.export.FUSION_CONVERTERS`, a callable
+    ``converter``: a name in :data:`featstack.convert.FUSION_CONVERTERS`, a callable
     ``convert(estimator, dims, dtype, convert_head) -> HeadModule``, or None (export refuses).
     """
 

@@ -36,7 +36,7 @@ class HeadSpec:
     types of the unfitted estimator and its parameters are added at registration, so most heads
     need to name only types that appear when fitting (e.g. a tree's ``sklearn.tree._tree.Tree``).
     ``converter`` turns the fitted head into a torch module for export: the name of a converter
-    in :data:`featstack.export.HEAD_CONVERTERS` (``"sklearn"``: scalers → a linear, kernel or
+    in :data:`featstack.convert.HEAD_CONVERTERS` (``"sklearn"``: scalers → a linear, kernel or
     naive Bayes classifier), a callable ``convert(fitted_estimator, torch_dtype) -> HeadModule``,
     or None (export refuses the head, naming it, before writing anything).
     """
