@@ -19,6 +19,7 @@ _LAZY = {
     "list_fusions": ("featstack.fusion", "list_fusions"),
     "register_fusion": ("featstack.fusion", "register_fusion"),
     "list_backbone_sources": ("featstack.backbones", "list_backbone_sources"),
+    "build_backbone": ("featstack.backbones", "build_backbone"),
     "load_model": ("featstack.models", "load_model"),
     "run_bench": ("featstack.bench", "run_bench"),
     "train_model": ("featstack.models", "train_model"),
