@@ -335,6 +335,8 @@ def test_network_equals_saved_model_on_real_images(demo, tmp_path, monkeypatch, 
         out_net = net.head.sklearn_outputs(f).numpy()
         # the image-level API is the same computation (on the same batch)
         assert net.predict_names(squares[:3]) == got[:3]
+        # same rows in the same batch: a different batch size picks other float32 conv kernels,
+        # which moves features by ~1e-6 relative (seen under load), so compare batch to batch
         f3 = net.features(squares[:3])
         np.testing.assert_allclose(net.sklearn_outputs(squares[:3]).numpy(), net.head.sklearn_outputs(f3).numpy(),
                                    rtol=1e-6, atol=1e-9)
