@@ -31,6 +31,7 @@ from .errors import ConfigError
 # One value per shared constant (extract and finetune alike).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_PRECISION = "auto"  # what "auto" means is decided in one place: the device/precision module
+PRECISION_HELP = "autocast precision (auto: fp32 on a CPU; on a GPU bf16 where supported, else fp16)"
 DEFAULT_DEVICE = "auto"
 DEFAULT_SHARD_ROWS = 1024  # rows per shard file: the unit of resume (cache.py re-exports it)
 STORAGE_DTYPES = ("float16", "float32")
@@ -386,8 +387,7 @@ class ExtractConfig:
                                      default_text="each model's own")
     seed: int = setting(0, "seed of random-init weights (--weights none)", yaml="top:seed")
     device: str = setting(DEFAULT_DEVICE, "auto (cuda if available), cpu, cuda, cuda:N")
-    precision: str = setting(DEFAULT_PRECISION, "autocast precision (auto: reduced precision on a GPU, fp32 "
-                                                "on a CPU)", choices=PRECISIONS)
+    precision: str = setting(DEFAULT_PRECISION, PRECISION_HELP, choices=PRECISIONS)
     batch_size: int = setting(64, "images per forward pass", minimum=1)
     workers: int | None = setting(None, "image decoding processes", minimum=0,
                                   default_text="on a GPU, up to 8 per rank; on a CPU, one per 8 cores, the "
@@ -515,8 +515,7 @@ class FinetuneConfig:
                                  "decay", minimum=0)
     batch_size: int = setting(32, "images per step", minimum=1)
     device: str = setting(DEFAULT_DEVICE, "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    precision: str = setting(DEFAULT_PRECISION, "autocast precision (auto: reduced precision on a GPU, fp32 "
-                                                "on a CPU)", choices=PRECISIONS)
+    precision: str = setting(DEFAULT_PRECISION, PRECISION_HELP, choices=PRECISIONS)
     val_fraction: float = setting(0.1, "held-out part of train when the data has no val split", minimum=0)
     bn: str = setting("frozen", "BatchNorm statistics: frozen (every BatchNorm keeps the statistics the head "
                                 "was fitted on) or train (trainable groups update theirs)", choices=BN_MODES)
