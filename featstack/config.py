@@ -428,7 +428,7 @@ class BenchConfig:
     seed: int = setting(0, "seed of the folds and heads", api="random_state")
     tune: bool = setting(False, "choose each head's regularisation by inner CV on the training rows")
     out: str | None = setting(None, "output folder", default_text="runs/<cache name>", yaml="top:out")
-    backend: str = setting("loky", "joblib backend (dask: a dask.distributed cluster, needs featstack[dask])",
+    backend: str | None = setting("loky", "joblib backend (dask: a dask.distributed cluster, needs featstack[dask])",
                            choices=BENCH_BACKENDS)
     scheduler: str | None = setting(None, "dask scheduler address, e.g. tcp://host:8786",
                                     default_text="$DASK_SCHEDULER_ADDRESS, else a local cluster with --n-jobs "
@@ -450,7 +450,7 @@ class TrainConfig:
                          yaml="top:cache")
     backbones: list[str] | None = setting(None, "comma-separated backbone keys, in column order",
                                           cli_required=True, default_text="in a pipeline: the bench's best")
-    head: str = setting("logreg", "head name", choices=head_names, what="head")
+    head: str | None = setting("logreg", "head name", choices=head_names, what="head")
     fusion: str | None = setting(None, "how to combine backbones", choices=fusion_names, what="fusion",
                                  default_text="single for one backbone, concat otherwise")
     out: str | None = setting(None, "model folder to write (e.g. models/m)", cli_required=True,

@@ -228,7 +228,7 @@ def _check_names(p: Pipeline) -> None:
         backbones_ok("bench.backbones", bench.backbones)
     train = p.stages["train"]
     if train is not None:
-        if train.model == "named" or "train.head" in p.lines:
+        if train.model == "named" or ("train.head" in p.lines and train.head):
             train.model = "named"
             for k in ("backbones", "head"):
                 if not getattr(train, k) or f"train.{k}" not in p.lines:

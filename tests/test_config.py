@@ -214,3 +214,12 @@ def test_a_new_field_becomes_an_option_and_a_key():
         from_args(Toy, p.parse_args(["in", "--size", "0"]))
     text = p.format_help()
     assert "(default: auto)" in text and "(default: 0.5)" in text and "--no-bar" in text
+
+
+def test_keys_that_took_null_still_do(tmp_path):
+    """YAML values that were valid before the typed configs stay valid (null = the default)."""
+    path = tmp_path / "p.yaml"
+    path.write_text(MINIMAL.format(tmp=tmp_path) + "bench:\n  backend: null\n  backbones: null\n"
+                    "train:\n  head: null\n  out: null\nextract:\n  workers: null\n  input_size: null\n")
+    p = load_pipeline(path)
+    assert p.stages["train"].model == "best" and p.stages["bench"].backend is None
