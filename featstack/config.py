@@ -66,7 +66,7 @@ def setting(default: Any = MISSING, help: str = "", *, choices: Sequence[str] | 
             what: str | None = None, minimum: float | None = None, cli: str | None = "option",
             flag: str | None = None, cli_required: bool = False, metavar: str | None = None,
             yaml: str = "section", api: str | None = "", default_text: str | None = None,
-            pairs: bool = False, flags: dict | None = None) -> Any:
+            pairs: bool = False, flags: dict | None = None, parse: Callable[[str], Any] | None = None) -> Any:
     """A stage setting (a dataclass field with the metadata the CLI, YAML and API derive from).
 
     ``choices``: allowed values (for a list, of each element); a callable is read at check time.
@@ -76,11 +76,13 @@ def setting(default: Any = MISSING, help: str = "", *, choices: Sequence[str] | 
     "backbone:KEY", "wired:WHAT" (set by the pipeline) or "none:WHY". ``api``: the keyword of the
     stage function ("" = the field name, None = not passed). ``pairs``: a repeatable KEY=VALUE
     option (a dict). ``flags``: a mutually exclusive pair of switches ``{"--a": True, "--b": False}``
-    with their help texts under ``flags_help``.
+    with their help texts. ``parse``: turns a command-line (or YAML string) value into the field's
+    value, raising ValueError with a short reason (e.g. "auto" → None).
     """
     meta = {"help": help, "choices": choices, "what": what, "minimum": minimum, "cli": cli, "flag": flag,
             "cli_required": cli_required, "metavar": metavar, "yaml": yaml, "api": api,
-            "default_text": default_text, "pairs": pairs, "flags": flags}
+            "default_text": default_text, "pairs": pairs, "flags": flags,
+            "parse": parse}
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -284,11 +286,23 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if s.meta["pairs"]:
             action = parser.add_argument(s.flag, action="append", default=[], **kw)
         else:
-            scalar = next((t for t in s.types if t in (int, float)), str) if list not in s.types else str
+            scalar = s.meta["parse"] and _cli_parser(s) or (
+                next((t for t in s.types if t in (int, float)), str) if list not in s.types else str)
             action = parser.add_argument(s.flag, type=scalar, default=None if s.required else _cli_default(s),
                                          required=s.required or s.meta["cli_required"], **kw)
         if callable(static):
             action.lazy_choices = static
+
+
+def _cli_parser(s: Setting) -> Callable[[str], Any]:
+    """An argparse ``type`` from the field's ``parse`` (argparse prints the reason, exit 2)."""
+    def convert(text: str) -> Any:
+        try:
+            return s.meta["parse"](text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    convert.__name__ = s.name
+    return convert
 
 
 def _cli_default(s: Setting) -> Any:

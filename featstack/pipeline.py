@@ -32,8 +32,9 @@ from .errors import ConfigError, FeatstackError
 _SECTIONS = ("extract", "bench", "train", "export", "finetune")
 
 
-def _schema(cls, place: str = "section") -> dict[str, tuple[tuple, Any]]:
-    return {s.name: (s.types, None if s.required else s.default)
+def _schema(cls, place: str = "section") -> dict[str, tuple]:
+    """key → (allowed types, default[, parse]) of the fields of ``cls`` that live at ``place``."""
+    return {s.name: (s.types, None if s.required else s.default, s.meta["parse"])
             for s in settings(cls) if s.yaml_place[0] == place}
 
 
@@ -99,13 +100,18 @@ def _check_keys(values: dict, schema: dict, path: Path, prefix: str, lines: dict
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             known = ", ".join(schema)
             raise ConfigError(f"{path}, line {line}: unknown key {dotted!r}{hint}; known keys: {known}")
-        types, _ = schema[k]
+        types, _, parse = (*schema[k], None)[:3]
+        if parse and isinstance(v, str) and str not in types:  # e.g. weight_decay: auto
+            try:
+                v = parse(v)
+            except ValueError as e:
+                raise ConfigError(f"{path}, line {line}: {dotted}: {v!r}: {e}") from None
         if not type_ok(v, types):
             raise ConfigError(f"{path}, line {line}: {dotted} must be {type_names(types)}, "
                               f"got {type(v).__name__} {v!r}")
         out[k] = v
-    for k, (_, default) in schema.items():
-        out.setdefault(k, default)
+    for k, spec in schema.items():
+        out.setdefault(k, spec[1])
     return out
 
 
