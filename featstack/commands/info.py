@@ -37,5 +37,5 @@ def run(args) -> int:
         state = "complete" if b["complete"] else f"INCOMPLETE, missing rows {b['missing']}"
         print(f"  {b['key']:<28} dim {b['dim']:<5} {b['dtype']:<8} weights {b['weights']} "
               f"(sha256 {str(b['weights_sha256'])[:12]})  fingerprint {str(b['fingerprint'])[:12]}  "
-              f"{state}")
+              f"{state}{'  RANDOM INIT (not pretrained)' if b.get('random_init') else ''}")
     return 0
