@@ -511,6 +511,9 @@ def extract(
     shard_rows: int = DEFAULT_SHARD_ROWS,
     compression: str | None = None,
     overwrite: bool = False,
+    repair: bool = False,
+    lock: bool | None = None,
+    wait: bool = False,
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
@@ -521,6 +524,12 @@ def extract(
     Re-running after an interruption skips the shards that exist; adding a backbone to an
     existing cache extracts only that backbone. With ``world_size > 1`` this process handles a
     contiguous block of the missing shards (see :mod:`featstack.distributed`).
+
+    One writer per (cache, backbone): the backbones' write locks are taken before planning
+    (``wait`` waits for a running writer instead of failing; ``lock=False`` or
+    ``FEATSTACK_NO_LOCK=1`` turns locking off, see :mod:`featstack.locks`). ``overwrite``
+    writes a new generation, switched in when complete; ``repair`` verifies every existing
+    shard's checksum and extracts the bad ones again.
 
     ``decode``: auto | cpu | gpu (batched nvjpeg on the CUDA device). ``compile``: True for
     ``torch.compile`` (inductor), or a ``torch.compile`` backend (name or callable). ``threads``: torch intra-op threads while
@@ -558,10 +567,29 @@ def extract(
     loaded: dict[str, LoadedBackbone] = {s.key: load_backbone(s, dev) for s in specs}
 
     # 2. the cache: same dataset, same fingerprints (or --overwrite), shards still missing
-    writer = CacheWriter(cache_path, source.samples)
-    if rank != 0:  # rank 0 registers (or --overwrite-deletes) backbones before the others look
+    writer = CacheWriter(cache_path, source.samples, lock=lock, wait=wait, follower=rank != 0, say=_say)
+    try:
+        return _extract_locked(writer, source, loaded, keys, t0, preprocess=preprocess, dtype=dtype,
+                               decode_on=decode_on, shard_rows=shard_rows, overwrite=overwrite,
+                               repair=repair, rank=rank, world_size=world_size, dev=dev, prec=prec,
+                               workers=workers, threads=threads, batch_size=batch_size,
+                               compression=compression, progress=progress, compile=compile,
+                               channels_last=channels_last, finalize=finalize)
+    finally:
+        writer.release()
+
+
+def _extract_locked(writer: CacheWriter, source: Source, loaded: dict, keys: list, t0: float, *, preprocess,
+                    dtype, decode_on, shard_rows, overwrite, repair, rank, world_size, dev, prec, workers,
+                    threads, batch_size, compression, progress, compile, channels_last,
+                    finalize) -> ExtractResult:
+    """Steps 2-4 of :func:`extract`, with the backbones' write locks held (rank 0) until the
+    index is built."""
+    if rank == 0:
+        writer.lock_backbones(keys)
+    else:  # rank 0 locks and registers (or starts new generations of) backbones before the others look
         barrier()
-    existing_rows = [m["shard_rows"] for m in (writer.read_backbone_meta(k) for k in _cached_keys(writer)) if m]
+    existing_rows = [m["shard_rows"] for m in (writer.read_backbone_meta(k) for k in writer.cached_keys()) if m]
     rows_per_shard = existing_rows[0] if existing_rows else shard_rows
     todo: dict[tuple[int, int], list[str]] = {}
     n_total_shards = 0
@@ -569,7 +597,7 @@ def extract(
         # decode (cpu/gpu) changes pixels slightly: part of the fingerprint, so a resume never
         # mixes shards decoded differently within one backbone's matrix
         meta = dict(lb.metadata(), preprocess=preprocess, dtype=dtype, decode=decode_on)
-        missing = writer.plan_backbone(meta, shard_rows=rows_per_shard, overwrite=overwrite)
+        missing = writer.plan_backbone(meta, shard_rows=rows_per_shard, overwrite=overwrite, repair=repair)
         n_total_shards += -(-len(source) // rows_per_shard)
         for r in missing:
             todo.setdefault(r, []).append(key)
@@ -577,7 +605,7 @@ def extract(
         barrier()
     shards = sorted(todo)
     work = _rank_slice(shards, rank, world_size, weights=[(e - s) * len(todo[(s, e)]) for s, e in shards])
-    result = ExtractResult(cache_path=str(cache_path), n_samples=len(source), device=str(dev), precision=prec,
+    result = ExtractResult(cache_path=str(writer.path), n_samples=len(source), device=str(dev), precision=prec,
                            decode=decode_on, workers=workers, threads=threads)
     result.shards_skipped = n_total_shards - sum(len(v) for v in todo.values())
 
@@ -608,17 +636,6 @@ def extract(
         writer.finalize()
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _cached_keys(writer: CacheWriter) -> list[str]:
-    if not writer.root.is_dir():
-        return []
-    keys = []
-    for d in sorted(writer.root.iterdir()):
-        bj = d / "backbone.json"
-        if bj.exists():
-            keys.append(json.loads(bj.read_text())["key"])
-    return keys
 
 
 class _Pending(NamedTuple):
@@ -733,6 +750,6 @@ def _write_stats(writer: CacheWriter, result: ExtractResult) -> None:
     """Keep the latest measured forward throughput per backbone (shown by info and reports)."""
     for key, ips in result.images_per_second.items():
         if ips:
-            _atomic_write_text(writer.backbone_dir(key) / "stats.json",
+            _atomic_write_text(writer.generation(key) / "stats.json",
                                json.dumps({"images_per_second": ips, "device": result.device,
                                            "precision": result.precision}))

@@ -46,7 +46,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--shard-rows", type=int, default=1024, help="rows per shard file (the unit of resume)")
     p.add_argument("--compression", default=None, choices=["lzf", "gzip"], help="HDF5 compression of shards")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a backbone cached with a different fingerprint")
+                   help="replace a backbone cached with a different fingerprint (written as a new generation, "
+                        "switched in when complete; readers of the old one keep reading it)")
+    p.add_argument("--repair", action="store_true",
+                   help="verify every existing shard's checksum and extract the bad or missing ones again")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for another writer of the same backbones to finish instead of failing")
+    p.add_argument("--no-lock", action="store_true",
+                   help="do not take the per-backbone write lock (file systems without flock; then run "
+                        "one writer at a time yourself). Same as FEATSTACK_NO_LOCK=1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -80,6 +88,7 @@ def run(args) -> int:
             workers=args.workers, threads=args.threads, preprocess=args.preprocess, decode=args.decode,
             compile=args.compile, dtype=args.dtype,
             shard_rows=args.shard_rows, compression=args.compression, overwrite=args.overwrite,
+            repair=args.repair, wait=args.wait, lock=False if args.no_lock else None,
             progress=not args.no_progress, rank=rank, world_size=world)
     if rank == 0:
         ips = ", ".join(f"{k} {v:.0f} img/s" for k, v in res.images_per_second.items() if v)
