@@ -8,8 +8,17 @@ Only this module touches h5py. Layout (see ../shared/design.md)::
       /errors/row, /errors/id, /errors/message          inputs that failed to decode
       /features/<key>   (N, D) virtual dataset over the shards; attrs: metadata + fingerprint,
                         complete, shards (JSON), missing (JSON)
-    cache/NAME.shards/<key>/backbone.json               metadata + fingerprint + shard_rows
-    cache/NAME.shards/<key>/<start>-<stop>.h5           immutable shard: features, rows, errors
+    cache/NAME.shards/<key>/writer.lock                 flock: one writer per (cache, backbone)
+    cache/NAME.shards/<key>/CURRENT.json                {"current": "gN", "previous": "gM"}
+    cache/NAME.shards/<key>/gN/backbone.json            metadata + fingerprint + shard_rows
+    cache/NAME.shards/<key>/gN/<start>-<stop>.h5        immutable shard: features, rows, errors;
+                                                        attrs start, stop, fingerprint, checksum
+    cache/NAME.shards/<key>/gN/verified.json            last `featstack verify` of that generation
+
+Generations: ``--overwrite`` writes a new generation beside the one in use and switches
+CURRENT.json (then the index) to it when complete; the previous one is kept for readers that
+opened it. Every read checks each shard's row range and fingerprint against the index;
+`featstack verify` also checks the blake2b checksum of the feature bytes.
 
 Why shards: HDF5 does not survive a writer killed mid-write. A shard is written under a
 temporary name, closed, then renamed, so it is either complete or absent; resuming means
