@@ -619,7 +619,7 @@ def _extract_locked(writer: CacheWriter, source: Source, loaded: dict, keys: lis
         _say(f"{who}nothing to extract: every shard exists ({result.shards_skipped} skipped)")
     else:
         old_threads = torch.get_num_threads()
-        if threads and dev.type == "cpu":
+        if threads:  # an explicit setting holds on every device (host-side work runs on it)
             torch.set_num_threads(threads)
         try:
             _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, workers,
