@@ -90,8 +90,10 @@ def _canonical_json(obj) -> str:
 class SampleTable:
     """The rows of a cache: ids, labels, splits and class names, fixed before extraction.
 
-    ``content`` holds optional per-sample content keys (file sizes, array hashes) that go into
-    the dataset fingerprint, so a changed image under the same name is noticed cheaply.
+    ``content`` holds optional per-sample content keys (array hashes) that go into the dataset
+    fingerprint. ``sizes`` and ``mtimes`` (ns) are the input files' stats when listed: not in the
+    fingerprint (a replaced image changes its rows, not the dataset), compared with what each
+    shard recorded when it read the file (see :meth:`CacheWriter.input_changes`).
     """
 
     ids: np.ndarray
@@ -99,6 +101,8 @@ class SampleTable:
     splits: np.ndarray
     classes: list
     content: np.ndarray | None = None
+    sizes: np.ndarray | None = None
+    mtimes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.ids = np.asarray([str(i) for i in self.ids], dtype=object)
@@ -113,6 +117,13 @@ class SampleTable:
                 f"ids, labels and splits differ in length ({n}, {len(self.labels)}, {len(self.splits)})")
         if self.content is not None and len(self.content) != n:
             raise DataError(f"content keys: {len(self.content)} for {n} samples")
+        if (self.sizes is None) != (self.mtimes is None):
+            raise DataError("file sizes and mtimes come together")
+        if self.sizes is not None:
+            self.sizes = np.asarray(self.sizes, dtype=np.int64).reshape(-1)
+            self.mtimes = np.asarray(self.mtimes, dtype=np.int64).reshape(-1)
+            if len(self.sizes) != n or len(self.mtimes) != n:
+                raise DataError(f"file stats: {len(self.sizes)} sizes, {len(self.mtimes)} mtimes for {n} samples")
         seen: dict[str, int] = {}
         for row, sid in enumerate(self.ids):
             if sid in seen:
@@ -143,6 +154,13 @@ class SampleTable:
             "\0".join(self.splits).encode(),
             content,
         )
+
+
+def _some(items: Sequence, k: int = 10) -> str:
+    """Up to ``k`` items, then how many more."""
+    items = list(items)
+    more = f" and {len(items) - k} more" if len(items) > k else ""
+    return ", ".join(map(str, items[:k])) + more
 
 
 def backbone_fingerprint(meta: dict) -> str:
@@ -334,7 +352,55 @@ class CacheWriter:
                 raise CacheMismatchError(
                     f"{self.path} was built from another dataset ({old_n} samples, fingerprint "
                     f"{str(old)[:12]}) than this one ({len(samples)} samples, fingerprint "
-                    f"{self.dataset_fingerprint[:12]}); use another --cache path or delete it")
+                    f"{self.dataset_fingerprint[:12]}{self._id_changes()}); use another --cache path "
+                    "or delete it")
+
+    def _id_changes(self) -> str:
+        """', files added: ..., removed: ...' between the cached sample ids and these."""
+        try:
+            with h5py.File(self.path, "r", locking=self.locking) as f:
+                old = set(f["samples/id"].asstr()[()])
+        except (OSError, KeyError):
+            return ""
+        new = set(self.samples.ids)
+        parts = [f"{len(ids)} {what}: {_some(sorted(ids))}"
+                 for what, ids in (("added", new - old), ("removed", old - new)) if ids]
+        return "; files " + ", ".join(parts) if parts else "; same files, other labels/splits/classes"
+
+    def input_changes(self) -> tuple[dict, list]:
+        """Input files changed since the shards that hold their rows read them.
+
+        Compares each shard's recorded (size, mtime_ns) per row with the files' stats now (no
+        file is read). Returns ({key: [stale shard paths]}, sorted changed rows); empty for
+        sources without files (arrays: their content is in the dataset fingerprint)."""
+        stale: dict[str, list] = {}
+        rows: set = set()
+        if self.samples.sizes is None or not self.root.is_dir():
+            return stale, []
+        now = np.stack([self.samples.sizes, self.samples.mtimes], axis=1)
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for gen in _generations(folder):
+                meta = _read_meta(gen)
+                for start, stop, shard in _list_shards(gen) if meta else ():
+                    try:
+                        with h5py.File(shard, "r", locking=self.locking) as f:
+                            rec = f["inputs"][()] if "inputs" in f else None
+                    except OSError:
+                        continue  # a damaged shard is reported by the shard checks
+                    if rec is None or rec.shape != (stop - start, 3):
+                        continue
+                    diff = np.flatnonzero((rec[:, :2] != now[start:stop]).any(axis=1))
+                    if len(diff):
+                        stale.setdefault(meta["key"], []).append(shard)
+                        rows.update((start + diff).tolist())
+        return stale, sorted(rows)
+
+    def refresh(self, stale: dict) -> None:
+        """Delete the stale shards (under each backbone's lock), so they are extracted again."""
+        self.lock_backbones(stale)
+        for shards in stale.values():
+            for shard in shards:
+                shard.unlink(missing_ok=True)
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -495,11 +561,12 @@ class CacheWriter:
     # ------------------------------------------------------------------ writing
     def write_shard(self, key: str, start: int, stop: int, features: np.ndarray,
                     error_rows: Iterable[int] = (), error_messages: Iterable[str] = (),
-                    *, compression: str | None = None) -> Path:
+                    inputs: np.ndarray | None = None, *, compression: str | None = None) -> Path:
         """Write rows [start, stop) of one backbone as an immutable shard (tmp, then rename).
 
         The shard records its row range, the backbone fingerprint and a checksum of its
-        feature bytes; the fingerprint is re-checked first (see :meth:`_recheck`)."""
+        feature bytes; the fingerprint is re-checked first (see :meth:`_recheck`). ``inputs``:
+        per row (size, mtime_ns, content hash) of the file the features were computed from."""
         plan = self._recheck(key)
         meta = _read_meta(plan.gen)
         features = np.asarray(features)
@@ -519,6 +586,8 @@ class CacheWriter:
                                  chunks=(_chunk_rows(meta["dim"], dtype.itemsize, rows), meta["dim"]),
                                  compression=compression)
                 f.create_dataset("rows", data=np.arange(start, stop, dtype=np.int64))
+                if inputs is not None:
+                    f.create_dataset("inputs", data=np.asarray(inputs, dtype=np.int64).reshape(rows, 3))
                 f.create_dataset("errors/row", data=np.asarray(list(error_rows), dtype=np.int64))
                 f.create_dataset("errors/message", data=np.asarray(list(error_messages), dtype=object),
                                  dtype=_STR)
@@ -584,6 +653,7 @@ def _build_index(path: Path, samples: SampleTable, locking: bool | None) -> Path
     n = len(samples)
     errors: dict[int, str] = {}
     backbones = []
+    inputs = np.tile(np.asarray([-1, -1, 0], np.int64), (n, 1))  # size, mtime_ns, hash as read
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         gen = current_generation(folder)
         meta = _read_meta(gen)
@@ -604,6 +674,10 @@ def _build_index(path: Path, samples: SampleTable, locking: bool | None) -> Path
             with h5py.File(shard, "r", locking=locking) as f:
                 for r, m in zip(f["errors/row"][()], f["errors/message"].asstr()[()]):
                     errors.setdefault(int(r), m)
+                if "inputs" in f:
+                    got = f["inputs"][()]
+                    unset = inputs[start:stop, 1] == -1
+                    inputs[start:stop][unset] = got[unset]
         backbones.append((meta, shards))
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -615,6 +689,9 @@ def _build_index(path: Path, samples: SampleTable, locking: bool | None) -> Path
             f.create_dataset("samples/id", data=samples.ids, dtype=_STR)
             f.create_dataset("samples/label", data=samples.labels)
             f.create_dataset("samples/split", data=samples.splits, dtype=_STR)
+            f.create_dataset("samples/size", data=inputs[:, 0])
+            f.create_dataset("samples/mtime_ns", data=inputs[:, 1])
+            f.create_dataset("samples/content_hash", data=inputs[:, 2])
             f.create_dataset("classes", data=np.asarray(samples.classes, dtype=object), dtype=_STR)
             erows = np.asarray(sorted(errors), dtype=np.int64)
             f.create_dataset("errors/row", data=erows)

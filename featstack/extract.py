@@ -45,13 +45,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .backbones import BackboneSpec, LoadedBackbone, load_backbone, resolve_backbone
-from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text
-from .data import FileSource, ImageDecodeError, Source, open_source
+from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text, _some
+from .data import FileSource, ImageDecodeError, Source, decode_image, open_source, read_input
 from .distributed import all_sum, barrier, local_world_size
-from .errors import ConfigError
+from .errors import CacheMismatchError, ConfigError
 from .preprocess import (PREPROCESS_MODES, DevicePreprocessor, center_square, decode_resolution,
                          decode_square, gpu_jpeg_decode_available, is_plain_jpeg, reference_transform,
                          squares_from_jpeg_bytes)
+
+class InputsChangedError(CacheMismatchError):
+    """Input files changed since their features were extracted (and no --refresh)."""
+
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("float16", "float32")
@@ -60,6 +64,7 @@ DECODE_MODES = ("auto", "cpu", "gpu")
 # device) is allowed. Only CUDA makes sense for users; tests add "cpu" to run the same path.
 _DEVICE_DECODE_TYPES = ("cuda",)
 _JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
+NO_INPUT = (-1, -1, 0)  # input record of a file that could not be read: (size, mtime_ns, hash)
 
 
 @dataclass
@@ -214,39 +219,39 @@ class _DecodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _square(self, row: int):
-        if self.paths is None:
+    def _square(self, row: int, data: bytes | None):
+        """The row's uint8 square (or, for device decoding, its plain-JPEG bytes as a tensor);
+        ``data`` = the file's bytes, read once by :meth:`__getitem__`."""
+        if data is None:
             sq = center_square(self.source.load(row), self.side)
-        elif self.decode == "gpu":
-            path = self.paths[row]
-            try:
-                data = Path(path).read_bytes()
-            except FileNotFoundError as e:
-                raise ImageDecodeError(f"file not found: {path}") from e
-            if is_plain_jpeg(data):
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            sq = decode_square(data, self.side, name=path)
+        elif self.decode == "gpu" and is_plain_jpeg(data):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
-            sq = decode_square(self.paths[row], self.side)
+            sq = decode_square(data, self.side, name=self.paths[row])
         if not sq.flags.writeable or not sq.flags.c_contiguous:  # Pillow's arrays are read-only
             sq = np.array(sq, order="C")
         return torch.from_numpy(sq)  # (R, R, 3): see _Collate
 
     def __getitem__(self, row: int):
+        """(row, payload, error message or None, input record (size, mtime_ns, hash) or None)."""
         row = int(row)
+        inp = NO_INPUT if self.paths is not None else None
         try:
+            data = None
+            if self.paths is not None:  # one read: decoded, and hashed for change detection
+                data, inp = read_input(self.paths[row])
             if self.mode == "fast":
-                return row, self._square(row), None
-            img = self.source.load(row)
+                return row, self._square(row, data), None, inp
+            img = self.source.load(row) if data is None else decode_image(self.paths[row], data=data)
         except ImageDecodeError as e:
-            return row, None, str(e)
+            return row, None, str(e), inp
         except Exception as e:  # noqa: BLE001 - one bad input never kills the run
-            return row, None, f"{self.source.samples.ids[row]}: {type(e).__name__}: {e}"
+            return row, None, f"{self.source.samples.ids[row]}: {type(e).__name__}: {e}", inp
         from PIL import Image
         if self._ref is None:
             self._ref = {k: reference_transform(c) for k, c in self.ref_configs.items()}
         pil = Image.fromarray(img)
-        return row, {k: t(pil) for k, t in self._ref.items()}, None
+        return row, {k: t(pil) for k, t in self._ref.items()}, None, inp
 
 
 def _placeholder(mode: str, side: int, ref_configs: dict):
@@ -262,17 +267,21 @@ class _Collate:
     def __call__(self, items):
         rows = np.asarray([it[0] for it in items], dtype=np.int64)
         errors = [(it[0], it[2]) for it in items if it[2] is not None]
+        inputs = np.asarray([it[3] for it in items], dtype=np.int64) if items[0][3] is not None else None
+        return rows, self._payload(items), errors, inputs
+
+    def _payload(self, items):
         pay = [it[1] if it[1] is not None else _placeholder(self.mode, self.side, self.ref_configs) for it in items]
         if self.mode != "fast":
-            return rows, {k: torch.stack([p[k] for p in pay]) for k in self.ref_configs}, errors
+            return {k: torch.stack([p[k] for p in pay]) for k in self.ref_configs}
         if self.decode != "gpu":  # stacked HWC squares, seen as NCHW: channels_last, no copy
-            return rows, torch.stack(pay).permute(0, 3, 1, 2), errors
+            return torch.stack(pay).permute(0, 3, 1, 2)
         sq_pos = [i for i, p in enumerate(pay) if p.ndim == 3]
         jp_pos = [i for i, p in enumerate(pay) if p.ndim == 1]
         squares = torch.stack([pay[i] for i in sq_pos]).permute(0, 3, 1, 2) if sq_pos else None
         data = torch.cat([pay[i] for i in jp_pos]) if jp_pos else None
         offsets = np.concatenate([[0], np.cumsum([len(pay[i]) for i in jp_pos])]).astype(int).tolist()
-        return rows, _RawBatch(len(pay), squares, sq_pos, data, offsets, jp_pos), errors
+        return _RawBatch(len(pay), squares, sq_pos, data, offsets, jp_pos)
 
 
 class _ShardBatchSampler(Sampler):
@@ -436,6 +445,7 @@ class _ShardAssembler:
         self.cur: tuple[int, int] | None = None
         self.buffers: dict = {}
         self.errors: list = []
+        self.inputs: np.ndarray | None = None
         self.filled = 0
         self.max_open_rows = 0  # instrumentation: rows held in open shard buffers, at most
 
@@ -444,7 +454,7 @@ class _ShardAssembler:
         assert shard[0] <= row < shard[1]
         return shard
 
-    def add(self, rows: np.ndarray, outs: dict, errors: list) -> None:
+    def add(self, rows: np.ndarray, outs: dict, errors: list, inputs: np.ndarray | None = None) -> None:
         shard = self.shard_of(int(rows[0]))
         start, stop = shard
         if shard != self.cur:
@@ -452,9 +462,12 @@ class _ShardAssembler:
                 raise RuntimeError(f"shard {self.cur} left incomplete before {shard}")
             self.cur, self.filled, self.errors = shard, 0, []
             self.buffers = {k: np.empty((stop - start, self.dims[k]), dtype=np.float32) for k in self.todo[shard]}
+            self.inputs = None if inputs is None else np.tile(np.asarray(NO_INPUT, np.int64), (stop - start, 1))
             self.max_open_rows = max(self.max_open_rows, sum(len(b) for b in self.buffers.values()))
         for key, arr in outs.items():
             self.buffers[key][rows - start] = arr
+        if self.inputs is not None and inputs is not None:
+            self.inputs[rows - start] = inputs
         self.errors.extend(errors)
         self.filled += len(rows)
         if self.filled == stop - start:
@@ -463,7 +476,7 @@ class _ShardAssembler:
             for key, buf in self.buffers.items():
                 if err_rows:
                     buf[np.asarray(err_rows) - start] = np.nan
-                self.sink.submit(key, start, stop, buf, err_rows, msgs)
+                self.sink.submit(key, start, stop, buf, err_rows, msgs, self.inputs)
                 self.result.shards_written += 1
             self.cur, self.buffers, self.errors = None, {}, []
 
@@ -512,6 +525,7 @@ def extract(
     compression: str | None = None,
     overwrite: bool = False,
     repair: bool = False,
+    refresh: bool = False,
     lock: bool | None = None,
     wait: bool = False,
     progress: bool = True,
@@ -529,7 +543,9 @@ def extract(
     (``wait`` waits for a running writer instead of failing; ``lock=False`` or
     ``FEATSTACK_NO_LOCK=1`` turns locking off, see :mod:`featstack.locks`). ``overwrite``
     writes a new generation, switched in when complete; ``repair`` verifies every existing
-    shard's checksum and extracts the bad ones again.
+    shard's checksum and extracts the bad ones again. Input files changed since their rows were
+    extracted (size or mtime differ from what the shards recorded) are refused, unless
+    ``refresh``: then their shards are extracted again for every cached backbone.
 
     ``decode``: auto | cpu | gpu (batched nvjpeg on the CUDA device). ``compile``: True for
     ``torch.compile`` (inductor), or a ``torch.compile`` backend (name or callable). ``threads``: torch intra-op threads while
@@ -571,7 +587,7 @@ def extract(
     try:
         return _extract_locked(writer, source, loaded, keys, t0, preprocess=preprocess, dtype=dtype,
                                decode_on=decode_on, shard_rows=shard_rows, overwrite=overwrite,
-                               repair=repair, rank=rank, world_size=world_size, dev=dev, prec=prec,
+                               repair=repair, refresh=refresh, rank=rank, world_size=world_size, dev=dev, prec=prec,
                                workers=workers, threads=threads, batch_size=batch_size,
                                compression=compression, progress=progress, compile=compile,
                                channels_last=channels_last, finalize=finalize)
@@ -579,14 +595,32 @@ def extract(
         writer.release()
 
 
+def _check_inputs(writer: CacheWriter, keys: list, refresh: bool) -> None:
+    """Changed input files are re-extracted (``refresh``) or refused; never silently kept."""
+    stale, changed = writer.input_changes()
+    if not changed:
+        return
+    ids = _some(writer.samples.ids[changed].tolist())
+    if not refresh:
+        raise InputsChangedError(
+            f"{writer.path}: {len(changed)} input files changed since they were extracted ({ids}); "
+            "pass --refresh to extract their rows again for every cached backbone")
+    writer.refresh(stale)
+    _say(f"refresh: {len(changed)} input files changed ({ids}); extracting their rows again")
+    for key in sorted(set(stale) - set(keys)):
+        _say(f"refresh: backbone {key!r} is not in this run: its {len(stale[key])} stale shards were "
+             f"removed; extract it again (--backbones {key}) to complete it")
+
+
 def _extract_locked(writer: CacheWriter, source: Source, loaded: dict, keys: list, t0: float, *, preprocess,
-                    dtype, decode_on, shard_rows, overwrite, repair, rank, world_size, dev, prec, workers,
+                    dtype, decode_on, shard_rows, overwrite, repair, refresh, rank, world_size, dev, prec, workers,
                     threads, batch_size, compression, progress, compile, channels_last,
                     finalize) -> ExtractResult:
     """Steps 2-4 of :func:`extract`, with the backbones' write locks held (rank 0) until the
     index is built."""
     if rank == 0:
         writer.lock_backbones(keys)
+        _check_inputs(writer, keys, refresh)
     else:  # rank 0 locks and registers (or starts new generations of) backbones before the others look
         barrier()
     existing_rows = [m["shard_rows"] for m in (writer.read_backbone_meta(k) for k in writer.cached_keys()) if m]
@@ -644,6 +678,7 @@ class _Pending(NamedTuple):
     errors: list
     done: object    # torch.cuda.Event or None
     timing: dict    # key -> seconds (float) or (start, end) CUDA events
+    inputs: np.ndarray | None  # (B, 3) size, mtime_ns, content hash of the files read
 
 
 def _make_loader(source, work, preprocess, side, configs, decode_on, batch_size, workers, dev):
@@ -690,7 +725,7 @@ def _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, 
             if t is not None:  # None: a compiling first call, not a measure of throughput
                 fwd_seconds[key] += t[0].elapsed_time(t[1]) / 1000.0 if isinstance(t, tuple) else t
                 fwd_rows[key] += len(p.rows)
-        assembler.add(p.rows, outs, p.errors)
+        assembler.add(p.rows, outs, p.errors, p.inputs)
         result.rows_processed += len(p.rows)
         result.errors += len(p.errors)
         bar.update(len(p.rows))
@@ -699,7 +734,7 @@ def _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, 
 
     pending: _Pending | None = None
     try:
-        for batch_rows, batch, errors in loader:
+        for batch_rows, batch, errors, inputs in loader:
             shard = assembler.shard_of(int(batch_rows[0]))
             x_dev = _to_device_batch(batch, batch_rows, errors, dev, side, source) if preprocess == "fast" else None
             outs, timing = {}, {}
@@ -734,7 +769,7 @@ def _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, 
             # Retire the previous batch only now: on a GPU, this batch is already queued.
             if pending is not None:
                 retire(pending)
-            pending = _Pending(batch_rows, outs, errors, done, timing)
+            pending = _Pending(batch_rows, outs, errors, done, timing, inputs)
         if pending is not None:
             retire(pending)
             pending = None

@@ -314,6 +314,13 @@ def _cached_backbone_valid(cache, spec, ex: dict, dataset_fp: str) -> bool:
             and meta.get("preprocess") == ex["preprocess"] and meta.get("dtype") == ex["dtype"])
 
 
+def _inputs_changed(cache_path, source) -> bool:
+    """Whether input files changed since their rows were extracted (stats only, nothing read)."""
+    from .cache import CacheWriter
+
+    return bool(CacheWriter(cache_path, source.samples).input_changes()[1])
+
+
 def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
     from .cache import open_cache
     from .data import open_source
@@ -328,6 +335,8 @@ def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
             cache = open_cache(p.cache)
             fp = source.samples.fingerprint()
             todo = [s for s in specs if not _cached_backbone_valid(cache, s, ex, fp)]
+            if _inputs_changed(p.cache, source):
+                todo = specs  # refresh (the default here) re-extracts their rows for every backbone
         except FeatstackError:
             todo = specs
     if not todo:
@@ -338,7 +347,7 @@ def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
     extract(source, todo, p.cache, device=ex["device"], precision=ex["precision"],
             batch_size=ex["batch_size"], workers=ex["workers"], preprocess=ex["preprocess"],
             dtype=ex["dtype"], shard_rows=ex["shard_rows"], overwrite=ex["overwrite"],
-            progress=ex["progress"])
+            refresh=True, progress=ex["progress"])
     res.stages["extract"] = "ran"
 
 

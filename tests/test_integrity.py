@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, shard_files, wait_until, write_image_folder
+from conftest import REPO, shard_files, synthetic_photo, wait_until, write_image_folder
 from featstack.cache import SampleTable, generation_dir, open_cache, verify_cache, write_arrays_cache
 from featstack.errors import CacheError
 from featstack.extract import extract
@@ -266,3 +266,51 @@ def test_extract_repair_rewrites_exactly_the_bad_and_missing_shards(photos, clea
     assert {p.name: p.stat().st_mtime_ns for p in gen.glob("*-*.h5") if p.name in keep} == keep
     np.testing.assert_array_equal(open_cache(cache).features("test_resnet"), clean_runs[0])
     assert verify_cache(cache) == {"test_resnet": []}
+
+
+def _bmp_folder(root: Path, n: int = 6) -> Path:
+    """BMP files: uncompressed, so two different pictures of one size have the same byte size."""
+    rng = np.random.default_rng(3)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            synthetic_photo(rng, 48, 64).save(root / cls / f"{i:03d}.bmp")
+    return root
+
+
+def test_an_image_replaced_by_another_of_the_same_size_is_noticed(tmp_path):
+    """(d) Without --refresh the re-run refuses naming the changed id; with it exactly that
+    row's shards are extracted again, for every cached backbone; the result equals a fresh run."""
+    root = _bmp_folder(tmp_path / "p")
+    cache = tmp_path / "x.h5"
+    opts = dict(weights="none", input_size=32, shard_rows=4, batch_size=4, workers=0, threads=1,
+                device="cpu", progress=False)
+    extract(str(root), ["test_resnet", "test_vit"], cache, **opts)
+    target = root / "dog" / "002.bmp"
+    size = target.stat().st_size
+    synthetic_photo(np.random.default_rng(99), 48, 64).save(target)
+    assert target.stat().st_size == size
+    args = ["extract", "--data", root, "--cache", cache, "--backbones", "test_resnet", "--weights", "none",
+            "--input-size", "32", "--shard-rows", "4", "--workers", "0", "--threads", "1", "--no-progress"]
+    r = _cli(*args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "1 input files changed" in r.stderr and "dog/002.bmp" in r.stderr and "--refresh" in r.stderr
+    r = _cli(*args, "--refresh")
+    assert r.returncode == 0, r.stderr
+    assert "1 shards written, 2 skipped" in r.stdout and "backbone 'test_vit' is not in this run" in r.stderr
+    c = open_cache(cache)
+    assert c.backbones == ["test_resnet"] and c.summary()["backbones"][1]["state"] == "incomplete"
+    res = extract(str(root), ["test_resnet", "test_vit"], cache, **opts)
+    assert res.shards_written == 1 and res.shards_skipped == 5
+    fresh = tmp_path / "fresh.h5"
+    extract(str(root), ["test_resnet", "test_vit"], fresh, **opts)
+    for key in ("test_resnet", "test_vit"):
+        np.testing.assert_array_equal(open_cache(cache).features(key), open_cache(fresh).features(key))
+    row = list(c.ids).index("dog/002.bmp")
+    with h5py.File(cache, "r") as f:
+        assert f["samples/size"][row] == size and f["samples/mtime_ns"][row] == target.stat().st_mtime_ns
+        assert f["samples/content_hash"][row] != 0
+    # an added file is listed by name (rows are positional: a new cache path is needed)
+    synthetic_photo(np.random.default_rng(7), 48, 64).save(root / "cat" / "new.bmp")
+    r = _cli(*args, "--refresh")
+    assert r.returncode == 2 and "1 added: cat/new.bmp" in _last_line(r.stderr), r.stderr

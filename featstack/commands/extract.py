@@ -50,6 +50,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "switched in when complete; readers of the old one keep reading it)")
     p.add_argument("--repair", action="store_true",
                    help="verify every existing shard's checksum and extract the bad or missing ones again")
+    p.add_argument("--refresh", action="store_true",
+                   help="extract again the rows whose input files changed (size or mtime) since they were "
+                        "extracted, for every cached backbone; without it such a run is refused")
     p.add_argument("--wait", action="store_true",
                    help="wait for another writer of the same backbones to finish instead of failing")
     p.add_argument("--no-lock", action="store_true",
@@ -88,7 +91,7 @@ def run(args) -> int:
             workers=args.workers, threads=args.threads, preprocess=args.preprocess, decode=args.decode,
             compile=args.compile, dtype=args.dtype,
             shard_rows=args.shard_rows, compression=args.compression, overwrite=args.overwrite,
-            repair=args.repair, wait=args.wait, lock=False if args.no_lock else None,
+            repair=args.repair, refresh=args.refresh, wait=args.wait, lock=False if args.no_lock else None,
             progress=not args.no_progress, rank=rank, world_size=world)
     if rank == 0:
         ips = ", ".join(f"{k} {v:.0f} img/s" for k, v in res.images_per_second.items() if v)
