@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import re
@@ -156,6 +157,10 @@ class SampleTable:
         )
 
 
+class NonFiniteFeaturesError(CacheError):
+    """A backbone produced inf/NaN, or values the storage dtype cannot hold."""
+
+
 def _some(items: Sequence, k: int = 10) -> str:
     """Up to ``k`` items, then how many more."""
     items = list(items)
@@ -185,8 +190,39 @@ def shard_root(index_path: str | os.PathLike) -> Path:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from e
+
+
+def _write_hdf5(path: Path, fill) -> None:
+    """Build an HDF5 file in memory with ``fill(f)``, then write its bytes under a temp name and
+    rename. A full disk or a denied write is then a plain OSError, reported naming the file:
+    HDF5 itself does not recover from failed writes (errors at close, even heap corruption).
+    A crash leaves the complete file or none (plus a temp file the next run removes)."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        fill(f)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buf.getbuffer())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_error(path: Path, e: OSError) -> CacheError:
+    """An OS or HDF5 error while writing, as one line naming the file (disk full, permission
+    denied, ...). Files are written to a temp name and renamed, so what was written is intact."""
+    text = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return CacheError(f"{path}: cannot write ({text}); the shards already written are intact, "
+                      "re-run the same command to resume")
 
 
 def _chunk_rows(dim: int, itemsize: int, rows: int) -> int:
@@ -574,29 +610,52 @@ class CacheWriter:
             raise ValueError(f"shard {key} {start}-{stop}: features of shape {features.shape}, "
                              f"expected {(stop - start, meta['dim'])}")
         dtype = np.dtype(meta["dtype"])
+        error_rows = [int(r) for r in error_rows]
+        self._check_finite(key, start, features, dtype, error_rows)
         stored = features.astype(dtype, copy=False)
         final = plan.gen / f"{start}-{stop}.h5"
-        tmp = plan.gen / f"{start}-{stop}.h5.{uuid.uuid4().hex}.tmp"
         for stale in plan.gen.glob(f"{start}-{stop}.h5.*.tmp"):  # left by a killed run
             stale.unlink(missing_ok=True)
         rows = stop - start
-        try:
-            with h5py.File(tmp, "w", locking=self.locking) as f:
-                f.create_dataset("features", data=stored,
-                                 chunks=(_chunk_rows(meta["dim"], dtype.itemsize, rows), meta["dim"]),
-                                 compression=compression)
-                f.create_dataset("rows", data=np.arange(start, stop, dtype=np.int64))
-                if inputs is not None:
-                    f.create_dataset("inputs", data=np.asarray(inputs, dtype=np.int64).reshape(rows, 3))
-                f.create_dataset("errors/row", data=np.asarray(list(error_rows), dtype=np.int64))
-                f.create_dataset("errors/message", data=np.asarray(list(error_messages), dtype=object),
-                                 dtype=_STR)
-                f.attrs.update(key=key, start=start, stop=stop, fingerprint=meta["fingerprint"],
-                               checksum=features_checksum(stored))
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        def fill(f) -> None:
+            f.create_dataset("features", data=stored,
+                             chunks=(_chunk_rows(meta["dim"], dtype.itemsize, rows), meta["dim"]),
+                             compression=compression)
+            f.create_dataset("rows", data=np.arange(start, stop, dtype=np.int64))
+            if inputs is not None:
+                f.create_dataset("inputs", data=np.asarray(inputs, dtype=np.int64).reshape(rows, 3))
+            f.create_dataset("errors/row", data=np.asarray(list(error_rows), dtype=np.int64))
+            f.create_dataset("errors/message", data=np.asarray(list(error_messages), dtype=object), dtype=_STR)
+            f.attrs.update(key=key, start=start, stop=stop, fingerprint=meta["fingerprint"],
+                           checksum=features_checksum(stored))
+        _write_hdf5(final, fill)
         return final
+
+    def _check_finite(self, key: str, start: int, features: np.ndarray, dtype: np.dtype,
+                      error_rows: list) -> None:
+        """Refuse non-finite features, and values the storage dtype cannot hold, before they are
+        stored: otherwise every such row is inf or NaN and it shows only at training time.
+
+        Refused rather than silently widened to float32: the user chooses (``--dtype float32``),
+        and every shard of a backbone keeps one dtype."""
+        ok = np.ones(len(features), dtype=bool)
+        ok[np.asarray(error_rows, dtype=np.int64) - start] = False
+        bad = ok & ~np.isfinite(features).all(axis=1)
+        why, hint = "non-finite features (inf or NaN)", "check the weights and the inputs"
+        if not bad.any() and np.issubdtype(dtype, np.floating) and dtype.itemsize < features.dtype.itemsize:
+            limit = float(np.finfo(dtype).max)
+            bad = ok & (np.abs(features) > limit).any(axis=1)
+            if bad.any():
+                why = (f"features beyond {dtype.name}'s range (|x| up to "
+                       f"{float(np.abs(features[bad]).max()):.3g} > {limit:.0f})")
+                hint = "extract with --dtype float32"
+        if bad.any():
+            rows = start + np.flatnonzero(bad)
+            raise NonFiniteFeaturesError(
+                f"{self.path}: backbone {key!r} gave {why} for {int(bad.sum())} rows of {start}-"
+                f"{start + len(features)}, first {_some(self.samples.ids[rows].tolist(), 3)}; not stored "
+                f"(shards already written are kept); {hint}")
 
     def finalize(self) -> Path:
         """Switch completed new generations in, rebuild the index, release the locks.
@@ -679,48 +738,45 @@ def _build_index(path: Path, samples: SampleTable, locking: bool | None) -> Path
                     unset = inputs[start:stop, 1] == -1
                     inputs[start:stop][unset] = got[unset]
         backbones.append((meta, shards))
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with h5py.File(tmp, "w", locking=locking) as f:
-            f.attrs.update(format_version=FORMAT_VERSION, featstack_version=__version__,
-                           dataset_fingerprint=samples.fingerprint(), n_samples=n,
-                           created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat())
-            f.create_dataset("samples/id", data=samples.ids, dtype=_STR)
-            f.create_dataset("samples/label", data=samples.labels)
-            f.create_dataset("samples/split", data=samples.splits, dtype=_STR)
-            f.create_dataset("samples/size", data=inputs[:, 0])
-            f.create_dataset("samples/mtime_ns", data=inputs[:, 1])
-            f.create_dataset("samples/content_hash", data=inputs[:, 2])
-            f.create_dataset("classes", data=np.asarray(samples.classes, dtype=object), dtype=_STR)
-            erows = np.asarray(sorted(errors), dtype=np.int64)
-            f.create_dataset("errors/row", data=erows)
-            f.create_dataset("errors/id", data=samples.ids[erows] if len(erows) else np.asarray([], dtype=object),
-                             dtype=_STR)
-            f.create_dataset("errors/message", data=np.asarray([errors[r] for r in erows], dtype=object),
-                             dtype=_STR)
-            feats = f.create_group("features")
-            for meta, shards in backbones:
-                dim, dtype = int(meta["dim"]), np.dtype(meta["dtype"])
-                layout = h5py.VirtualLayout(shape=(n, dim), dtype=dtype)
-                for start, stop, shard in shards:
-                    rel = os.path.relpath(shard, path.parent)
-                    layout[start:stop] = h5py.VirtualSource(rel, "features", shape=(stop - start, dim))
-                ds = feats.create_virtual_dataset(safe_key(meta["key"]), layout, fillvalue=np.nan)
-                missing, overlap = _coverage(shards, n)
-                if overlap:
-                    raise CacheError(f"{root / safe_key(meta['key'])}: shards overlap at rows "
-                                     f"{overlap[0]}; delete that folder and re-run")
-                for k, v in meta.items():
-                    if v is not None:
-                        ds.attrs[k] = v if isinstance(v, (str, int, float)) else _canonical_json(v)
-                ds.attrs["complete"] = not missing
-                ds.attrs["missing"] = _canonical_json(missing)
-                ds.attrs["shards"] = _canonical_json(
-                    [[s, e, os.path.relpath(p, path.parent)] for s, e, p in shards])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def fill(f) -> None:
+        f.attrs.update(format_version=FORMAT_VERSION, featstack_version=__version__,
+                       dataset_fingerprint=samples.fingerprint(), n_samples=n,
+                       created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat())
+        f.create_dataset("samples/id", data=samples.ids, dtype=_STR)
+        f.create_dataset("samples/label", data=samples.labels)
+        f.create_dataset("samples/split", data=samples.splits, dtype=_STR)
+        f.create_dataset("samples/size", data=inputs[:, 0])
+        f.create_dataset("samples/mtime_ns", data=inputs[:, 1])
+        f.create_dataset("samples/content_hash", data=inputs[:, 2])
+        f.create_dataset("classes", data=np.asarray(samples.classes, dtype=object), dtype=_STR)
+        erows = np.asarray(sorted(errors), dtype=np.int64)
+        f.create_dataset("errors/row", data=erows)
+        f.create_dataset("errors/id", data=samples.ids[erows] if len(erows) else np.asarray([], dtype=object),
+                         dtype=_STR)
+        f.create_dataset("errors/message", data=np.asarray([errors[r] for r in erows], dtype=object),
+                         dtype=_STR)
+        feats = f.create_group("features")
+        for meta, shards in backbones:
+            dim, dtype = int(meta["dim"]), np.dtype(meta["dtype"])
+            layout = h5py.VirtualLayout(shape=(n, dim), dtype=dtype)
+            for start, stop, shard in shards:
+                rel = os.path.relpath(shard, path.parent)
+                layout[start:stop] = h5py.VirtualSource(rel, "features", shape=(stop - start, dim))
+            ds = feats.create_virtual_dataset(safe_key(meta["key"]), layout, fillvalue=np.nan)
+            missing, overlap = _coverage(shards, n)
+            if overlap:
+                raise CacheError(f"{root / safe_key(meta['key'])}: shards overlap at rows "
+                                 f"{overlap[0]}; delete that folder and re-run")
+            for k, v in meta.items():
+                if v is not None:
+                    ds.attrs[k] = v if isinstance(v, (str, int, float)) else _canonical_json(v)
+            ds.attrs["complete"] = not missing
+            ds.attrs["missing"] = _canonical_json(missing)
+            ds.attrs["shards"] = _canonical_json(
+                [[s, e, os.path.relpath(p, path.parent)] for s, e, p in shards])
+    _write_hdf5(path, fill)
     return path
 
 

@@ -213,11 +213,32 @@ def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+UNLABELLED = ("", "-1")  # with null: a sample without a label
+
+
+def label_name(value, where: str) -> str:
+    """The class name of a manifest label: numbers normalised (``1`` == ``1.0`` == ``"1"``), so
+    one value is one class whatever way it was written; "" for unlabelled (empty, null, -1)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: 'label' must be a string or a number, got {type(value).__name__} {value!r}")
+    text = str(value).strip()
+    try:
+        num = float(text)
+    except ValueError:
+        return text
+    if num != num or num in (float("inf"), float("-inf")):
+        raise DataError(f"{where}: 'label' {text!r} is not a class")
+    text = str(int(num)) if num.is_integer() else repr(num)
+    return "" if text in UNLABELLED else text
+
+
 class ManifestSource(FileSource):
     """CSV or JSONL manifest: ``path``, ``label`` (class name), optional ``split`` and ``id``.
 
-    Relative paths are resolved against the manifest's folder. An empty label means unlabeled
-    (-1). A missing image file is not an error here: it is recorded when extraction reaches it.
+    Relative paths are resolved against the manifest's folder. An empty, null or -1 label
+    means unlabeled; numeric labels are one class per value (see :func:`label_name`). A missing image file is not an error here: it is recorded when extraction reaches it.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -231,13 +252,16 @@ class ManifestSource(FileSource):
             for field in ("path", "label"):
                 if field not in rec:
                     raise DataError(f"{path}, line {lineno}: missing field {field!r}")
-            if not str(rec["path"]).strip():
+            if not isinstance(rec["path"], str):
+                raise DataError(f"{path}, line {lineno}: 'path' must be a string, got "
+                                f"{type(rec['path']).__name__} {rec['path']!r}")
+            if not rec["path"].strip():
                 raise DataError(f"{path}, line {lineno}: empty 'path'")
             split = str(rec.get("split") or "train").strip()
             if split not in SPLITS:
                 raise DataError(f"{path}, line {lineno}: unknown split {split!r} "
                                 f"(splits are {', '.join(SPLITS)})")
-        label_names = [("" if rec["label"] is None else str(rec["label"]).strip()) for _, rec in records]
+        label_names = [label_name(rec["label"], f"{path}, line {lineno}") for lineno, rec in records]
         classes = sorted({name for name in label_names if name})
         index = {c: i for i, c in enumerate(classes)}
         base = path.parent

@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .backbones import BackboneSpec, LoadedBackbone, load_backbone, resolve_backbone
+from .bounds import check_input_size, check_int, check_seed
 from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text, _some
 from .data import FileSource, ImageDecodeError, Source, decode_image, open_source, read_input
 from .distributed import all_sum, barrier, local_world_size
@@ -526,6 +527,7 @@ def extract(
     overwrite: bool = False,
     repair: bool = False,
     refresh: bool = False,
+    max_input_size: int | None = None,
     lock: bool | None = None,
     wait: bool = False,
     progress: bool = True,
@@ -552,6 +554,7 @@ def extract(
     extracting on a CPU (default: the cores left after the decode workers).
     """
     t0 = time.perf_counter()
+    _check_bounds(input_size, max_input_size, seed, batch_size, shard_rows, workers, threads)
     if preprocess not in PREPROCESS_MODES:
         raise ConfigError(f"--preprocess {preprocess!r}: choose one of {', '.join(PREPROCESS_MODES)}")
     if dtype not in STORAGE_DTYPES:
@@ -593,6 +596,18 @@ def extract(
                                channels_last=channels_last, finalize=finalize)
     finally:
         writer.release()
+
+
+def _check_bounds(input_size, max_input_size, seed, batch_size, shard_rows, workers, threads) -> None:
+    """Every number checked before a model is built or an image read (see :mod:`featstack.bounds`)."""
+    check_input_size(input_size, limit=max_input_size)
+    check_seed(seed)
+    check_int(batch_size, "--batch-size", 1)
+    check_int(shard_rows, "--shard-rows", 1)
+    if workers is not None:
+        check_int(workers, "--workers", 0)
+    if threads is not None:
+        check_int(threads, "--threads", 1)
 
 
 def _check_inputs(writer: CacheWriter, keys: list, refresh: bool) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .bounds import check_key
 from .errors import ConfigError, FeatstackError
 
 # key → (allowed python types, default).  A dict value is a nested section.
@@ -133,6 +134,7 @@ def _check_keys(values: dict, schema: dict, path: Path, prefix: str, lines: dict
         if not ok:
             raise ConfigError(f"{path}, line {line}: {dotted} must be {_type_names(types)}, "
                               f"got {type(v).__name__} {v!r}")
+        check_key(dotted, v, f"{path}, line {line}: {dotted}")
         out[k] = v
     for k, (_, default) in schema.items():
         out.setdefault(k, default)
@@ -153,7 +155,11 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{path}: a pipeline file is a mapping of keys (data, backbones, ...)")
     lines: dict[str, int] = {}
-    raw = _convert(root, path, "", lines)
+    try:
+        raw = _convert(root, path, "", lines)
+    except RecursionError:
+        raise ConfigError(f"{path}: a YAML alias refers to itself (e.g. `a: &x [*x]`); "
+                          "pipeline values cannot be recursive") from None
     top = _check_keys(raw, _TOP_KEYS, path, "", lines)
     for required in ("data", "backbones"):
         if top[required] is None:

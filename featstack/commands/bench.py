@@ -45,10 +45,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..bench import run_bench
+    from ..bounds import check_int, check_output_dir, check_seed
     from ..cache import open_cache
 
+    check_seed(args.seed)
+    check_int(args.cv, "--cv", 2)
+    check_int(args.max_size, "--max-size", 1)
     cache = open_cache(args.cache)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.cache).stem
+    out = check_output_dir(Path(args.out) if args.out else Path("runs") / Path(args.cache).stem)
     res = run_bench(cache, heads=args.heads, fusions=args.fusions, backbones=args.backbones,
                     max_size=args.max_size, cv=args.cv, n_jobs=args.n_jobs, random_state=args.seed,
                     tune=args.tune, out=out, backend=args.backend, scheduler=args.scheduler,

@@ -23,6 +23,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--weights-file", action="append", default=[], metavar="KEY=PATH",
                    help="local .safetensors/.pth weights for one backbone (repeatable)")
     p.add_argument("--input-size", type=int, default=None, help="override every backbone's square input size")
+    p.add_argument("--max-input-size", type=int, default=None,
+                   help="largest --input-size accepted (default 2048, or FEATSTACK_MAX_INPUT_SIZE)")
     p.add_argument("--seed", type=int, default=0, help="seed of random-init weights (--weights none)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -87,6 +89,7 @@ def run(args) -> int:
         res = extract(
             args.data, backbones, cache, weights=args.weights,
             weights_files=parse_weights_files(args.weights_file), input_size=args.input_size,
+            max_input_size=args.max_input_size,
             seed=args.seed, device=args.device, precision=args.precision, batch_size=args.batch_size,
             workers=args.workers, threads=args.threads, preprocess=args.preprocess, decode=args.decode,
             compile=args.compile, dtype=args.dtype,

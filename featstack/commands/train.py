@@ -28,9 +28,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Train, save, and print train rows, train/test accuracy and the model folder."""
+    from ..bounds import check_int, check_seed
     from ..cache import open_cache
     from ..models import _parse_backbones, train_model
 
+    check_seed(args.seed)
+    check_int(args.cv, "--cv", 2)
     cache = open_cache(args.cache)
     keys = _parse_backbones(args.backbones)
     fusion = args.fusion or ("single" if len(keys) == 1 else "concat")
