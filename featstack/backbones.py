@@ -14,14 +14,15 @@ import socket
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import timm
-import timm.data
-
+from . import timm_names
+from .config import WEIGHT_SOURCES  # noqa: F401  (one list: the extract setting)
 from .errors import BackboneError, ConfigError
 
-WEIGHT_SOURCES = ("hub", "none", "file")
+if TYPE_CHECKING:  # torch and timm load only when a model is built: `run --check` stays light
+    import torch
+
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,12 @@ register_backbone("test_vit-64", "test_vit", input_size=64)
 def list_backbones(pattern: str = "*") -> list[str]:
     """Registered aliases plus every timm model name matching ``pattern``."""
     import fnmatch
+
+    import timm
     return sorted(k for k in _REGISTRY if fnmatch.fnmatch(k, pattern)) + timm.list_models(pattern)
 
 
-def _arch(name: str) -> str:
-    return name.split(".", 1)[0]
+_arch = timm_names.arch_name
 
 
 def resolve_backbone(key: str, *, weights: str = "hub", weights_file: str | os.PathLike | None = None,
@@ -73,8 +75,8 @@ def resolve_backbone(key: str, *, weights: str = "hub", weights_file: str | os.P
         raise ConfigError("empty backbone name")
     entry = _REGISTRY.get(key, {"timm_name": key, "input_size": None, "model_kwargs": {}})
     timm_name = entry["timm_name"]
-    if not timm.is_model(_arch(timm_name)):
-        close = difflib.get_close_matches(_arch(timm_name), timm.list_models() + list(_REGISTRY), n=3)
+    if not timm_names.is_model(timm_name):
+        close = difflib.get_close_matches(_arch(timm_name), timm_names.list_models() + list(_REGISTRY), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise BackboneError(f"unknown backbone {key!r}: no timm model of that name{hint}")
     if weights_file is not None:
@@ -107,6 +109,9 @@ class LoadedBackbone:
     def metadata(self) -> dict:
         """Cache metadata for this backbone (what the fingerprint is computed from)."""
         import platform
+
+        import timm
+        import torch
         return {
             "key": self.spec.key,
             "timm_name": self.spec.timm_name,
@@ -126,6 +131,8 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     One hash for every weights source: hub, file and seeded random init alike, so a cache
     records exactly which numbers produced its features.
     """
+    import torch
+
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
@@ -145,6 +152,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _create(spec: BackboneSpec, pretrained: bool) -> torch.nn.Module:
+    import timm
+
     kwargs = dict(spec.model_kwargs)
     if spec.input_size:
         try:  # ViT-style models fix their input size at construction
@@ -206,6 +215,9 @@ def _load_file_weights(model: torch.nn.Module, spec: BackboneSpec) -> None:
 
 def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> LoadedBackbone:
     """Build the model with its weights, in eval mode on ``device``."""
+    import timm.data
+    import torch
+
     if spec.weights == "hub":
         model = _create_from_hub(spec)
     else:

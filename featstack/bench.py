@@ -409,7 +409,7 @@ def _run_tasks(tasks: list, backend: _Backend, bar, scatter: list | None = None)
 def run_bench(cache: Cache | str | os.PathLike, *, heads: str | Sequence[str],
               fusions: str | Sequence[str], backbones: str | Sequence[str] | None = None,
               max_size: int = 3, cv: int = 5, n_jobs: int | None = 1, random_state: int = 0,
-              tune: bool = False, out: str | os.PathLike | None = None, backend: str | None = None,
+              tune: bool = False, out: str | os.PathLike | None = None, backend: str | None = "loky",
               scheduler: str | None = None, share_fs: bool | None = None,
               progress: bool = True) -> BenchResult:
     """Cross-validate every backbone subset (sizes 1..``max_size``) × head × fusion.

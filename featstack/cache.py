@@ -48,13 +48,13 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .config import DEFAULT_SHARD_ROWS  # noqa: F401  (one default: the extract setting)
 from .errors import CacheError, CacheMismatchError, DataError
 from .locks import FileLock, check_job_holds, locking_enabled
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 1 << 20
-DEFAULT_SHARD_ROWS = 1024
 _STR = h5py.string_dtype("utf-8")
 _SHARD_RE = re.compile(r"^(\d+)-(\d+)\.h5$")
 _GEN_RE = re.compile(r"^g(\d+)$")

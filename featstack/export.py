@@ -1155,7 +1155,7 @@ def export_onnx(net: FeatstackNet, path: str | os.PathLike, *, batch: int = 2) -
 
 
 def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cache: str | os.PathLike | None = None,
-                 *, head_dtype: torch.dtype | str = torch.float64, onnx: bool = False) -> Path:
+                 *, head_dtype: torch.dtype | str = "float64", onnx: bool = False) -> Path:
     """Saved model folder → network folder (safetensors + JSON; with ``onnx`` also network.onnx).
 
     The backbones' timm specs and weights hashes come from the cache the model was trained on:

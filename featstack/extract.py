@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .backbones import BackboneSpec, LoadedBackbone, load_backbone, resolve_backbone
 from .bounds import check_input_size, check_int, check_seed
 from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text, _some
+from .config import DECODE_MODES, PRECISIONS, STORAGE_DTYPES  # defined once, with the settings
 from .data import FileSource, ImageDecodeError, Source, decode_image, open_source, read_input
 from .distributed import all_sum, barrier, local_world_size
 from .errors import CacheMismatchError, ConfigError
@@ -54,13 +55,11 @@ from .preprocess import (PREPROCESS_MODES, DevicePreprocessor, center_square, de
                          decode_square, gpu_jpeg_decode_available, is_plain_jpeg, reference_transform,
                          squares_from_jpeg_bytes)
 
+
 class InputsChangedError(CacheMismatchError):
     """Input files changed since their features were extracted (and no --refresh)."""
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STORAGE_DTYPES = ("float16", "float32")
-DECODE_MODES = ("auto", "cpu", "gpu")
 # Device types on which decode="gpu" (batched torchvision.io.decode_jpeg on the extraction
 # device) is allowed. Only CUDA makes sense for users; tests add "cpu" to run the same path.
 _DEVICE_DECODE_TYPES = ("cuda",)

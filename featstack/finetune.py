@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .config import BN_MODES, PRECISIONS, default_finetune_workers
 from .errors import BackboneError, ConfigError, DataError
 from .export import (NETWORK_JSON, FeatstackNet, LinearHead, _spec_from_info, decode_squares, load_network,
                      read_network_config, save_network)
 
 _FREEZE_RE = re.compile(r"^(head-only|none|top-(\d+))$")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # ============================================================================================
@@ -119,7 +119,6 @@ def _eval_frozen(module: nn.Module) -> None:
             _eval_frozen(child)
 
 
-BN_MODES = ("frozen", "train")
 
 
 def set_train_mode(net: FeatstackNet, bn: str = "frozen") -> None:
@@ -488,7 +487,7 @@ def _update_json(folder: Path, **sections) -> None:
 def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: float = 1e-3,
              backbone_lr_scale: float = 0.1, weight_decay: float = 0.0, batch_size: int = 32,
              device: str = "auto", precision: str = "auto", init_from_source: bool = False,
-             val_fraction: float = 0.1, seed: int = 0, workers: int | None = 0, bn: str = "frozen",
+             val_fraction: float = 0.1, seed: int = 0, workers: int | None = None, bn: str = "frozen",
              warmup: float = 0.0,
              progress: bool = True, train_rows: Sequence[int] | None = None) -> FinetuneResult:
     """Fine-tune a network folder (or FeatstackNet) on a data source; the best epoch by
@@ -535,7 +534,7 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     net.to(dev)
     freeze_summary = apply_freeze(net, freeze)
     optimizer = make_optimizer(net, lr, backbone_lr_scale, weight_decay)
-    workers = 0 if workers is None else int(workers)
+    workers = default_finetune_workers() if workers is None else int(workers)
     gen = torch.Generator().manual_seed(seed)
     kw = dict(batch_size=batch_size, num_workers=workers, collate_fn=_collate,
               pin_memory=dev.type == "cuda", persistent_workers=workers > 0)

@@ -31,9 +31,9 @@ class CacheLockedError(CacheError):
 
 
 def locking_enabled(explicit: bool | None = None) -> bool:
-    """Locks on unless turned off by the caller or by ``FEATSTACK_NO_LOCK=1``."""
-    if explicit is not None:
-        return explicit
+    """Locks on unless turned off by the caller (``False``) or by ``FEATSTACK_NO_LOCK=1``."""
+    if explicit is False:
+        return False
     return os.environ.get(NO_LOCK_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
 
 

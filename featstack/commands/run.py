@@ -14,7 +14,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "extraction.")
     p.add_argument("pipeline", help="pipeline file, e.g. pipelines/demo.yaml")
     p.add_argument("--check", action="store_true", help="only validate the file and exit")
-    p.add_argument("--top", type=int, default=5, help="bench rows to print at the end (default 5)")
+    p.add_argument("--top", type=int, default=None,
+                   help="bench rows to print at the end (default: the file's bench.top, see `featstack bench "
+                        "--help`)")
     return p
 
 
@@ -27,7 +29,9 @@ def run(args) -> int:
               f"{', '.join(s for s, v in p.stages.items() if v is not None)})")
         return 0
     res = run_pipeline(args.pipeline)
-    _print_top(Path(res.out) / "results.csv", args.top)
+    bench = load_pipeline(args.pipeline).stages["bench"]
+    top = args.top if args.top is not None else (bench.top if bench is not None else 0)
+    _print_top(Path(res.out) / "results.csv", top)
     print("stages   " + ", ".join(f"{k} {v}" for k, v in res.stages.items()))
     print(f"cache    {res.cache}")
     if res.best:
