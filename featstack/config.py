@@ -26,6 +26,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields  # noqa: F401  (MISSING: a required setting)
 from typing import Any, Callable, Sequence
 
+from .bounds import INPUT_SIZE_MIN
 from .errors import ConfigError
 
 # One value per shared constant (extract and finetune alike).
@@ -382,7 +383,8 @@ class ExtractConfig:
     weights_file: dict[str, str] = setting({}, "local .safetensors/.pth weights for one backbone (repeatable)",
                                            pairs=True, metavar="KEY=PATH", yaml="backbone:weights_file",
                                            api="weights_files", default_text="none")
-    input_size: int | None = setting(None, "override every backbone's square input size", minimum=1,
+    input_size: int | None = setting(None, "override every backbone's square input size (16 to 2048 unless "
+                                           "--max-input-size raises it)", minimum=INPUT_SIZE_MIN,
                                      default_text="each model's own")
     seed: int = setting(0, "seed of random-init weights (--weights none)", yaml="top:seed")
     device: str = setting(DEFAULT_DEVICE, "auto (cuda if available), cpu, cuda, cuda:N")
