@@ -314,3 +314,23 @@ def test_an_image_replaced_by_another_of_the_same_size_is_noticed(tmp_path):
     synthetic_photo(np.random.default_rng(7), 48, 64).save(root / "cat" / "new.bmp")
     r = _cli(*args, "--refresh")
     assert r.returncode == 2 and "1 added: cat/new.bmp" in _last_line(r.stderr), r.stderr
+
+
+def test_l_stale_temp_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    """(l) NAME.h5.<uuid>.tmp (a killed index build) and <shard>.h5.<uuid>.tmp (a killed shard
+    write) older than this run are removed when the cache is written again; others' are not."""
+    path = tmp_path / "x.h5"
+    _, samples, X = _arrays_cache(path)
+    gen = generation_dir(path, "f")
+    stale = [tmp_path / "x.h5.0123456789abcdef.tmp", gen / "8-16.h5.0123456789abcdef.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a file")
+        os.utime(p, (1, 1))  # from long before this run
+    (gen / "8-16.h5").unlink()
+    other = tmp_path / "y.h5.fedcba9876543210.tmp"  # another cache's temp file
+    other.write_bytes(b"")
+    os.utime(other, (1, 1))
+    write_arrays_cache(path, samples, {"f": X}, dtype="float32", shard_rows=8)
+    assert not any(p.exists() for p in stale) and other.exists()
+    assert not list(tmp_path.rglob("x.*.tmp")) and not list(gen.glob("*.tmp"))
+    np.testing.assert_array_equal(open_cache(path).features("f"), X)
