@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_image_folder
-from featstack.cache import NonFiniteFeaturesError, SampleTable, generation_dir, open_cache, write_arrays_cache
+from featstack.cache import NonFiniteFeaturesError, SampleTable, generation_dir, write_arrays_cache
 from featstack.data import ManifestSource
 from featstack.bounds import MAX_INPUT_SIZE_ENV, check_input_size
 from featstack.errors import CacheError, ConfigError, DataError

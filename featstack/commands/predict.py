@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-from pathlib import Path
 
 BATCH_ROWS = 8192
 
