@@ -17,12 +17,8 @@ INPUT_SIZE_MIN = 16
 INPUT_SIZE_MAX = 2048         # raise with --max-input-size or FEATSTACK_MAX_INPUT_SIZE
 MAX_INPUT_SIZE_ENV = "FEATSTACK_MAX_INPUT_SIZE"
 
-# YAML keys and CLI options with numeric bounds: name -> (lowest, highest or None)
-BOUNDS = {
-    "seed": (0, SEED_LIMIT - 1), "input_size": (INPUT_SIZE_MIN, INPUT_SIZE_MAX), "batch_size": (1, None),
-    "shard_rows": (1, None), "workers": (0, None), "threads": (1, None), "cv": (2, None),
-    "max_size": (1, None), "epochs": (1, None),
-}
+# YAML keys with bounds the stage configs' minimums do not express: name -> (lowest, highest)
+BOUNDS = {"seed": (0, SEED_LIMIT - 1)}
 
 
 def check_int(value, name: str, lo: int | None = None, hi: int | None = None, hint: str = "") -> int:
@@ -63,11 +59,12 @@ def check_input_size(value, name: str = "--input-size", limit: int | None = None
 def check_key(key: str, value, where: str) -> None:
     """Bounds of a YAML key by its last name (``bench.seed`` -> ``seed``); ``where`` names it."""
     leaf = key.rsplit(".", 1)[-1]
-    if leaf in BOUNDS and value is not None and isinstance(value, int) and not isinstance(value, bool):
-        if leaf == "input_size":
-            check_input_size(value, where)
-        else:
-            check_int(value, where, *BOUNDS[leaf])
+    if value is None or not isinstance(value, int) or isinstance(value, bool):
+        return
+    if leaf == "input_size" and value > max_input_size():
+        check_input_size(value, where)
+    elif leaf in BOUNDS:
+        check_int(value, where, *BOUNDS[leaf])
 
 
 def check_output_dir(path: str | os.PathLike, name: str = "--out") -> Path:

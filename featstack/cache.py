@@ -362,7 +362,8 @@ class CacheWriter:
     """
 
     def __init__(self, path: str | os.PathLike, samples: SampleTable, *, locking: bool | None = None,
-                 lock: bool | None = None, wait: bool = False, follower: bool = False, say=None):
+                 lock: bool | None = None, wait: bool = False, follower: bool = False, say=None,
+                 check_finite: bool = True):
         self.path = Path(path)
         self.samples = samples
         self.locking = locking
@@ -370,6 +371,7 @@ class CacheWriter:
         self.wait = wait
         self.follower = follower
         self.say = say
+        self.check_finite = check_finite
         self.root = shard_root(self.path)
         self.dataset_fingerprint = samples.fingerprint()
         self._locks: dict[str, FileLock] = {}
@@ -611,7 +613,8 @@ class CacheWriter:
                              f"expected {(stop - start, meta['dim'])}")
         dtype = np.dtype(meta["dtype"])
         error_rows = [int(r) for r in error_rows]
-        self._check_finite(key, start, features, dtype, error_rows)
+        if self.check_finite:
+            self._check_finite(key, start, features, dtype, error_rows)
         stored = features.astype(dtype, copy=False)
         final = plan.gen / f"{start}-{stop}.h5"
         for stale in plan.gen.glob(f"{start}-{stop}.h5.*.tmp"):  # left by a killed run
@@ -1095,12 +1098,14 @@ def open_cache(path: str | os.PathLike, *, locking: bool | None = None) -> Cache
 
 def write_arrays_cache(path: str | os.PathLike, samples: SampleTable, features: dict,
                        *, dtype: str = "float32", shard_rows: int = DEFAULT_SHARD_ROWS,
-                       metas: dict | None = None) -> Cache:
+                       metas: dict | None = None, check_finite: bool = False) -> Cache:
     """Write precomputed feature matrices as a cache (synthetic benchmarks, imported features).
 
     Goes through the same shard writer as extraction, so the result is an ordinary cache.
+    Non-finite values are stored as given unless ``check_finite`` (extraction always checks;
+    imported features are checked by bench and train when read).
     """
-    with CacheWriter(path, samples) as writer:
+    with CacheWriter(path, samples, check_finite=check_finite) as writer:
         _write_arrays(writer, features, dtype, shard_rows, metas)
     return Cache(path)
 

@@ -526,7 +526,7 @@ def extract(
     repair: bool = False,
     refresh: bool = False,
     max_input_size: int | None = None,
-    lock: bool | None = None,
+    lock: bool = True,
     wait: bool = False,
     progress: bool = True,
     rank: int = 0,

@@ -90,7 +90,7 @@ def test_j_yaml_huge_seed_and_recursive_alias(tmp_path):
     _one_line_error(_cli("run", loop), str(loop), "refers to itself")
     neg = tmp_path / "neg.yaml"
     neg.write_text("data: demo\nbackbones: [test_resnet]\nextract:\n  batch_size: 0\n")
-    _one_line_error(_cli("run", neg), f"{neg}, line 4: extract.batch_size must be at least 1")
+    _one_line_error(_cli("run", neg), f"{neg}, line 4: extract.batch_size", "got 0")
 
 
 def _manifest(tmp_path: Path, records: list) -> Path:
@@ -130,13 +130,13 @@ def test_i_values_float16_cannot_hold_are_refused_naming_backbone_and_rows(tmp_p
     X[9, 1] = 1e6
     with pytest.raises(NonFiniteFeaturesError, match=r"backbone 'f' gave features beyond float16's range.*"
                                                       r"first 09\.jpg.*--dtype float32"):
-        write_arrays_cache(tmp_path / "x.h5", samples, {"f": X}, dtype="float16", shard_rows=4)
+        write_arrays_cache(tmp_path / "x.h5", samples, {"f": X}, dtype="float16", shard_rows=4, check_finite=True)
     # the shards before the bad one are kept; float32 stores the same values
     assert sorted(p.name for p in generation_dir(tmp_path / "x.h5", "f").glob("*-*.h5")) == ["0-4.h5", "4-8.h5"]
     np.testing.assert_array_equal(write_arrays_cache(tmp_path / "y.h5", samples, {"f": X}).features("f"), X)
     X[3, 0] = np.inf
     with pytest.raises(NonFiniteFeaturesError, match=r"non-finite features \(inf or NaN\) for 1 rows of 0-4, first 03"):
-        write_arrays_cache(tmp_path / "z.h5", samples, {"f": X}, dtype="float32", shard_rows=4)
+        write_arrays_cache(tmp_path / "z.h5", samples, {"f": X}, dtype="float32", shard_rows=4, check_finite=True)
 
 
 def test_i_overflowing_weights_fail_the_extraction_in_one_line(tmp_path):
