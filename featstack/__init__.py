@@ -15,6 +15,8 @@ _LAZY = {
     "extract_features": ("featstack.extract", "extract"),
     "create_head": ("featstack.heads", "create_head"),
     "list_heads": ("featstack.heads", "list_heads"),
+    "list_backbone_sources": ("featstack.backbones", "list_backbone_sources"),
+    "build_backbone": ("featstack.backbones", "build_backbone"),
     "load_model": ("featstack.models", "load_model"),
     "run_bench": ("featstack.bench", "run_bench"),
     "train_model": ("featstack.models", "train_model"),

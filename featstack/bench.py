@@ -52,12 +52,12 @@ from .cache import Cache, open_cache
 from .errors import CacheError, CacheMismatchError, ConfigError, DataError
 from .fusion import (FUSIONS, check_fusion, proba_from_prediction, scores_from_prediction,
                      stack_method)
-from .heads import create_head, head_spec
+from .heads import create_head, head_spec, labels_from_decision
 
 BACKENDS = ("loky", "threading", "dask")
 CSV_COLUMNS = ["rank", "backbones", "head", "fusion", "size", "cv_accuracy_mean", "cv_accuracy_std",
                "cv_f1_macro_mean", "cv_f1_macro_std", "test_accuracy", "test_f1_macro", "fit_seconds",
-               "n_train", "n_test"]
+               "n_train", "n_test", "random_init"]
 _METRICS = ("cv_accuracy_mean", "cv_accuracy_std", "cv_f1_macro_mean", "cv_f1_macro_std",
             "test_accuracy", "test_f1_macro", "fit_seconds")
 REFIT = -1  # fold index of the refit on all training rows, scored on the test split
@@ -219,7 +219,9 @@ def _base(tag, X, y, train_idx, test_idx, head, tune, random_state, cv, need_oof
     est = clone(proto).fit(Xtr, ytr)
     fit_s = time.perf_counter() - t0
     raw = getattr(est, method)(Xte) if len(Xte) else None
-    pred = est.predict(Xte) if len(Xte) else np.empty(0, dtype=ytr.dtype)
+    pred = labels_from_decision(est, raw) if raw is not None and method == "decision_function" else None
+    if pred is None:  # one pass over the test rows when the labels follow from the scores
+        pred = est.predict(Xte) if len(Xte) else np.empty(0, dtype=ytr.dtype)
     oof, oof_s = None, 0.0
     if need_oof:
         t0 = time.perf_counter()
@@ -590,7 +592,7 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
             rows.append(row)
             fold_scores[(name, h, fu)] = {"accuracy": [float(a) for a in acc],
                                           "f1_macro": [float(v) for v in f1]}
-    rows = rank_rows(rows)
+    rows = mark_random_init(rank_rows(rows), cache)
 
     settings = {"heads": head_list, "fusions": fusion_list, "backbones": keys, "max_size": max_size,
                 "cv": cv, "random_state": random_state, "tune": bool(tune), "n_jobs": n_jobs,
@@ -602,6 +604,15 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
     if out is not None:
         result.out = write_outputs(result, cache, out, dims=dims)
     return result
+
+
+def mark_random_init(rows: list[dict], cache: Cache) -> list[dict]:
+    """Set each row's ``random_init``: its backbones with seeded random weights ("+"-joined; empty
+    when all are pretrained), so a random-init score is never mistaken for a pretrained one."""
+    random = {k for k in cache.backbones if cache.backbone_info(k).get("weights_source") == "none"}
+    for r in rows:
+        r["random_init"] = "+".join(k for k in str(r["backbones"]).split("+") if k in random)
+    return rows
 
 
 def rank_rows(rows: Iterable[dict], metric: str = "cv_accuracy_mean") -> list[dict]:
@@ -624,15 +635,20 @@ def _cell(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _init_cell(r: dict) -> str:
+    rnd = r.get("random_init")
+    return f"RANDOM INIT: {rnd}" if rnd else "pretrained" if "random_init" in r else ""
+
+
 def format_table(rows: Sequence[dict], top: int = 20) -> str:
     """Fixed-width ranked table of the first ``top`` rows (mean ± std over folds)."""
-    head = ["#", "backbones", "head", "fusion", "cv acc", "cv f1", "test acc", "fit s"]
+    head = ["#", "backbones", "head", "fusion", "cv acc", "cv f1", "test acc", "fit s", "weights"]
     body = []
     for r in list(rows)[:top]:
         body.append([str(r["rank"]), r["backbones"], r["head"], r["fusion"],
                      f"{r['cv_accuracy_mean']:.4f} ± {r['cv_accuracy_std']:.4f}",
                      f"{r['cv_f1_macro_mean']:.4f} ± {r['cv_f1_macro_std']:.4f}",
-                     _cell(r["test_accuracy"]) or "-", f"{r['fit_seconds']:.3f}"])
+                     _cell(r["test_accuracy"]) or "-", f"{r['fit_seconds']:.3f}", _init_cell(r)])
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -653,15 +669,15 @@ def _markdown(result: BenchResult, cache: Cache) -> str:
              f"{result.n_base_fits} base fits (shared by all subsets), {result.n_concat_fits} concat "
              f"fits, {result.n_meta_fits} meta-learner fits, {result.seconds:.1f} s.", "",
              "| rank | backbones | head | fusion | cv accuracy | cv macro-F1 | test accuracy | "
-             "test macro-F1 | fit s |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|"]
+             "test macro-F1 | fit s | weights |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in result.rows:
         lines.append(
             f"| {r['rank']} | {r['backbones']} | {r['head']} | {r['fusion']} | "
             f"{r['cv_accuracy_mean']:.4f} ± {r['cv_accuracy_std']:.4f} | "
             f"{r['cv_f1_macro_mean']:.4f} ± {r['cv_f1_macro_std']:.4f} | "
             f"{_cell(r['test_accuracy']) or '-'} | {_cell(r['test_f1_macro']) or '-'} | "
-            f"{r['fit_seconds']:.3f} |")
+            f"{r['fit_seconds']:.3f} | {_init_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 

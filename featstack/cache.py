@@ -72,7 +72,8 @@ FINGERPRINT_FIELDS = (
     "dataset_fingerprint",
 )
 # Counted in the fingerprint when present (extracted backbones record them; array caches do not).
-OPTIONAL_FINGERPRINT_FIELDS = ("decode",)
+# "source" (a model family other than timm) and "layer" (an intermediate layer) likewise.
+OPTIONAL_FINGERPRINT_FIELDS = ("decode", "source", "layer")
 
 
 def _sha256(*parts: bytes) -> str:
@@ -1020,6 +1021,7 @@ class Cache:
                     "dim": m.get("dim"),
                     "dtype": m.get("dtype"),
                     "weights": m.get("weights_source"),
+                    "random_init": m.get("weights_source") == "none",
                     "weights_sha256": m.get("weights_sha256"),
                     "preprocess": m.get("preprocess"),
                     "data_config": m.get("data_config"),

@@ -303,13 +303,13 @@ def split_list(text: str | Sequence[str] | None) -> list[str] | None:
     return [str(x).strip() for x in items if str(x).strip()]
 
 
-def parse_pairs(flag: str, items: Sequence[str]) -> dict[str, str]:
+def parse_pairs(flag: str, items: Sequence[str], metavar: str | None = None) -> dict[str, str]:
     """Repeated ``KEY=VALUE`` options → a dict; one ConfigError naming the bad item."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise ConfigError(f"{flag} {item!r}: expected KEY=PATH")
+            raise ConfigError(f"{flag} {item!r}: expected {metavar or 'KEY=PATH'}")
         out[key.strip()] = value.strip()
     return out
 
@@ -322,7 +322,7 @@ def from_args(cls, args: argparse.Namespace):
             continue
         v = getattr(args, s.name)
         if s.meta["pairs"]:
-            v = parse_pairs(s.flag, v)
+            v = parse_pairs(s.flag, v, s.meta["metavar"])
         elif list in s.types:
             v = split_list(v)
         values[s.name] = v
@@ -347,8 +347,8 @@ class PipelineConfig:
     """Top-level keys of a YAML pipeline, shared by its stages (``top:KEY`` in a stage field)."""
 
     data: str = setting(MISSING, DATA_HELP)
-    backbones: list = setting(MISSING, "backbone keys (timm model names), each a name or a mapping with "
-                                    "name, weights, weights_file, input_size")
+    backbones: list = setting(MISSING, "backbone keys, each a name or a mapping with name, model, weights, "
+                                    "weights_file, input_size, data_config")
     name: str | None = setting(None, "pipeline name", default_text="the file name")
     cache: str | None = setting(None, "cache index path", default_text="cache/NAME.h5")
     out: str | None = setting(None, "run folder (bench results, report)", default_text="runs/NAME")
@@ -362,11 +362,15 @@ class PipelineConfig:
 class BackboneConfig:
     """Keys of one backbone entry of a pipeline (``backbones: [{name: ..., weights_file: ...}]``)."""
 
-    name: str = setting(None, "backbone key (timm model name or registered alias)")
+    name: str = setting(None, "backbone key: the cache name, and the model when no model is given")
+    model: str | None = setting(None, "the architecture when name is your own (timm name, tv:NAME, ARCH@LAYER[:POOL])",
+                                default_text="the name")
     weights: str | None = setting(None, "hub, none or file", choices=WEIGHT_SOURCES,
                                   default_text="the pipeline's weights")
     weights_file: str | None = setting(None, "local .safetensors/.pth weights of this backbone")
     input_size: int | None = setting(None, "square input size of this backbone", minimum=1)
+    data_config: dict | str | None = setting(None, "preprocessing overrides (input_size, interpolation, mean, std, "
+                                                   "crop_pct, crop_mode), or a JSON/YAML file of them")
 
 
 @dataclass
@@ -375,14 +379,24 @@ class ExtractConfig:
 
     data: str = setting(MISSING, DATA_HELP, yaml="top:data",
                         api="source")
-    backbones: list[str] = setting(MISSING, "comma-separated backbone keys (timm model names)", yaml="top:backbones")
+    backbones: list[str] = setting(MISSING, "comma-separated backbone keys: timm model names, tv:NAME "
+                                            "(torchvision), NAME=ARCH (your own name), ARCH@LAYER[:POOL] (an "
+                                            "intermediate layer pooled avg|max|avgmax|cls, e.g. resnet50@layer3:avg)",
+                                   yaml="top:backbones")
     cache: str | None = setting(None, "cache index path", default_text="cache/<data name>.h5", yaml="top:cache",
                                 api="cache_path")
     weights: str = setting("hub", "hub = timm pretrained weights; none = seeded random init", choices=CLI_WEIGHTS,
                            yaml="top:weights")
-    weights_file: dict[str, str] = setting({}, "local .safetensors/.pth weights for one backbone (repeatable)",
+    weights_file: dict[str, str] = setting({}, "local .safetensors/.pth weights for one backbone (repeatable); "
+                                               "timm, torchvision and efficientnet_pytorch layouts are converted; "
+                                               "package:MODULE/PATH names a file inside an installed package",
                                            pairs=True, metavar="KEY=PATH", yaml="backbone:weights_file",
                                            api="weights_files", default_text="none")
+    data_config: dict[str, str] = setting({}, "override one backbone's preprocessing (input_size, interpolation, "
+                                              "mean, std, crop_pct, crop_mode) with a JSON object or a JSON/YAML "
+                                              "file (repeatable; part of the fingerprint)", pairs=True,
+                                          metavar="KEY=JSON|FILE", yaml="backbone:data_config", api="data_configs",
+                                          default_text="none")
     input_size: int | None = setting(None, "override every backbone's square input size (16 to 2048 unless "
                                            "--max-input-size raises it)", minimum=INPUT_SIZE_MIN,
                                      default_text="each model's own")
@@ -537,7 +551,11 @@ class FinetuneConfig:
     workers: int | None = setting(None, "decode workers", minimum=0, default_text="cores - 1, at most 4")
     init_from_source_classifier: bool = setting(
         False, "initialise head rows of classes whose names match the backbone's pretrained ImageNet classes "
-               "from its own classifier (single-backbone logreg/linear-svm)", api="init_from_source")
+               "(or --source-classes) from its own classifier, rescaled to the head's scale (single-backbone "
+               "logreg/linear-svm)", api="init_from_source")
+    source_classes: str | None = setting(None, "the pretrained classifier's label list: a file with one class name "
+                                               "a line, in row order (implies --init-from-source-classifier)",
+                                         metavar="FILE", default_text="ImageNet's, from the classifier's size")
     progress: bool = setting(True, "progress bar and per-epoch lines")
 
 

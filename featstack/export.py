@@ -950,19 +950,18 @@ def _spec_from_info(info: dict):
         raise BackboneError(
             f"backbone {info.get('key')!r}: the cache records no timm model spec (features imported "
             f"from arrays, weights {info.get('weights_source')!r}); a network cannot be rebuilt from it")
-    fields = BackboneSpec.__dataclass_fields__
-    return BackboneSpec(**{k: v for k, v in spec.items() if k in fields})
+    return BackboneSpec.from_dict(spec)
 
 
 def rebuild_backbone(info: dict, device: str | torch.device = "cpu") -> nn.Module:
     """The backbone with the weights the cache fingerprint names, VERIFIED: its state-dict
     sha256 must equal the cached ``weights_sha256`` (seeded random init is re-created with the
     same seed; a weights file or the hub is loaded), else a BackboneError names the backbone."""
-    from .backbones import load_backbone
+    from .backbones import build_backbone
 
     spec = _spec_from_info(info)
     try:
-        lb = load_backbone(spec, device)
+        lb = build_backbone(spec, device)
     except FeatstackError:
         raise
     except Exception as e:  # noqa: BLE001 - timm/torch errors come in many types
@@ -1073,17 +1072,19 @@ def read_network_config(path: str | os.PathLike) -> tuple[Path, dict]:
 
 
 def _create_backbone(info: dict) -> nn.Module:
-    """The timm model of a backbone, random weights (pretrained=False, num_classes=0)."""
-    from .backbones import _create
+    """The model of a backbone with seeded random weights (its tensors are loaded next)."""
+    from dataclasses import replace
 
-    spec = _spec_from_info(info)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        try:
-            return _create(spec, pretrained=False).eval()
-        except Exception as e:  # noqa: BLE001
-            raise BackboneError(f"backbone {info.get('key')!r}: cannot create timm model {spec.timm_name!r} "
-                                f"({type(e).__name__}: {str(e)[:200]})") from e
+    from .backbones import build_backbone
+
+    spec = replace(_spec_from_info(info), weights="none", weights_file=None)
+    try:
+        return build_backbone(spec, hash_weights=False).model
+    except FeatstackError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise BackboneError(f"backbone {info.get('key')!r}: cannot create model {spec.timm_name!r} "
+                            f"({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def load_network(path: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True) -> FeatstackNet:

@@ -35,7 +35,6 @@ import queue
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -43,11 +42,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .backbones import BackboneSpec, LoadedBackbone, load_backbone, resolve_backbone
+from .backbones import BackboneSpec, LoadedBackbone, build_backbone, resolve_backbone, split_key
 from .bounds import check_input_size, check_int, check_seed
 from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text, _some
-from .config import DECODE_MODES, PRECISIONS, STORAGE_DTYPES  # defined once, with the settings
+from .config import DECODE_MODES, PRECISIONS, STORAGE_DTYPES  # noqa: F401 - defined once, with the settings
 from .data import FileSource, ImageDecodeError, Source, decode_image, open_source, read_input
+from .device import autocast_context, resolve_device, resolve_precision  # noqa: F401 - re-exported
 from .distributed import all_sum, barrier, local_world_size
 from .errors import CacheMismatchError, ConfigError
 from .preprocess import (PREPROCESS_MODES, DevicePreprocessor, center_square, decode_resolution,
@@ -83,37 +83,11 @@ class ExtractResult:
     threads: int | None = None
     compiled: bool = False
     rank_rows_processed: int | None = None  # under torchrun: this rank's rows (the others are job totals)
+    random_init: list = field(default_factory=list)  # backbones with seeded random weights
 
 
 # --------------------------------------------------------------------------- device & precision
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; an explicit cuda device without CUDA is an error."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {device!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
-    return precision
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+# One meaning everywhere (extract and finetune): see featstack.device.
 
 
 def resolve_decode(decode: str, device: torch.device, source: Source, preprocess: str) -> str:
@@ -508,6 +482,7 @@ def extract(
     *,
     weights: str = "hub",
     weights_files: dict | None = None,
+    data_configs: dict | None = None,
     input_size: int | None = None,
     seed: int = 0,
     device: str = "auto",
@@ -569,19 +544,23 @@ def extract(
 
     # 1. every backbone resolved and loaded before any image is read
     weights_files = dict(weights_files or {})
+    data_configs = dict(data_configs or {})
     specs = []
     for b in backbones:
         if isinstance(b, BackboneSpec):
             specs.append(b)
             continue
-        specs.append(resolve_backbone(b, weights=weights, weights_file=weights_files.pop(b, None),
-                                      input_size=input_size, seed=seed))
-    if weights_files:
-        raise ConfigError(f"--weights-file names {', '.join(weights_files)}, not among the backbones")
+        name, arch = split_key(b)
+        specs.append(resolve_backbone(b, weights=weights, weights_file=weights_files.pop(name or arch, None),
+                                      input_size=input_size, seed=seed,
+                                      data_config=data_configs.pop(name or arch, None)))
+    for flag, left in (("--weights-file", weights_files), ("--data-config", data_configs)):
+        if left:
+            raise ConfigError(f"{flag} names {', '.join(left)}, not among the backbones")
     keys = [s.key for s in specs]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"backbone listed twice: {keys}")
-    loaded: dict[str, LoadedBackbone] = {s.key: load_backbone(s, dev) for s in specs}
+    loaded: dict[str, LoadedBackbone] = {s.key: build_backbone(s, dev) for s in specs}
 
     # 2. the cache: same dataset, same fingerprints (or --overwrite), shards still missing
     writer = CacheWriter(cache_path, source.samples, lock=lock, wait=wait, follower=rank != 0, say=_say)
@@ -653,7 +632,8 @@ def _extract_locked(writer: CacheWriter, source: Source, loaded: dict, keys: lis
     shards = sorted(todo)
     work = _rank_slice(shards, rank, world_size, weights=[(e - s) * len(todo[(s, e)]) for s, e in shards])
     result = ExtractResult(cache_path=str(writer.path), n_samples=len(source), device=str(dev), precision=prec,
-                           decode=decode_on, workers=workers, threads=threads)
+                           decode=decode_on, workers=workers, threads=threads,
+                           random_init=[k for k, lb in loaded.items() if lb.spec.random_init])
     result.shards_skipped = n_total_shards - sum(len(v) for v in todo.values())
 
     devname = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (no CUDA device available)" \
@@ -661,7 +641,8 @@ def _extract_locked(writer: CacheWriter, source: Source, loaded: dict, keys: lis
     who = f"rank {rank}/{world_size}, " if world_size > 1 else ""
     par = f"{workers} decode workers" + (f", {threads} torch threads" if threads else "")
     _say(f"{who}device {dev} [{devname}], precision {prec}, preprocess {preprocess}, decode {decode_on}, "
-         f"{par}{', compiled' if compile else ''}, {len(source)} samples, backbones {', '.join(keys)}")
+         f"{par}{', compiled' if compile else ''}, {len(source)} samples, backbones "
+         f"{', '.join(k + (' (RANDOM INIT)' if k in result.random_init else '') for k in keys)}")
     if not work:
         _say(f"{who}nothing to extract: every shard exists ({result.shards_skipped} skipped)")
     else:

@@ -33,7 +33,6 @@ import re
 import sys
 import time
 import uuid
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .config import BN_MODES, PRECISIONS, default_finetune_workers
+from .config import BN_MODES, PRECISIONS, default_finetune_workers  # noqa: F401 - PRECISIONS re-exported
 from .errors import BackboneError, ConfigError, DataError
 from .export import (NETWORK_JSON, FeatstackNet, LinearHead, _spec_from_info, decode_squares, load_network,
                      read_network_config, save_network)
@@ -167,99 +166,98 @@ def _norm_name(s: str) -> str:
     return re.sub(r"[\s_\-]+", " ", str(s).strip().lower())
 
 
-def _imagenet_index(subset: str) -> dict:
-    """Normalised synset ids, descriptions and each comma-separated synonym → class index
-    (the first class wins a shared synonym)."""
-    import timm.data
-
-    info = timm.data.ImageNetInfo(subset)
+def _label_index(names: Sequence[Sequence[str]]) -> dict:
+    """Normalised names → class index; each class has several names (the description and each
+    comma-separated synonym, a synset id); the first class wins a shared name."""
     index: dict = {}
-    for i in range(info.num_classes()):
-        desc = info.index_to_description(i)
-        for name in [info.index_to_label_name(i), desc, *desc.split(",")]:
-            index.setdefault(_norm_name(name), i)
+    for i, row in enumerate(names):
+        for name in row:
+            for part in [name, *str(name).split(",")]:
+                if _norm_name(part):
+                    index.setdefault(_norm_name(part), i)
     return index
 
 
-def _full_model(spec):
-    import timm
-
-    kwargs = dict(spec.model_kwargs)
-    if spec.input_size:
-        try:
-            return timm.create_model(spec.timm_name, pretrained=False, img_size=spec.input_size, **kwargs)
-        except TypeError:
-            pass
-    return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-
-
-def source_classifier(info: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(weight (K, D), bias (K,), label set) of the pretrained classifier that comes with a
-    backbone's weights: the hub checkpoint or the weights file the cache names. A random-init
-    backbone has none (BackboneError)."""
+def _imagenet_names(subset: str) -> list[list[str]]:
     import timm.data
-    from .backbones import state_dict_sha256
+
+    info = timm.data.ImageNetInfo(subset)
+    return [[info.index_to_label_name(i), info.index_to_description(i)] for i in range(info.num_classes())]
+
+
+def read_source_classes(path: str | os.PathLike) -> list[str]:
+    """The source label list: one class name per line (row i of the classifier = line i; a line
+    may list synonyms separated by commas). Trailing empty lines are ignored."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError(f"--source-classes {path}: cannot read ({e.strerror or e})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    empty = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
+    if not lines or empty:
+        raise ConfigError(f"--source-classes {path}: " + (f"line {empty[0]} is empty; one class name a line"
+                                                          if empty else "no class names"))
+    return [ln.strip() for ln in lines]
+
+
+def source_classifier(info: dict, known_label_set: bool = True) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """(weight (K, D), bias (K,), label set) of the pretrained classifier that comes with a
+    backbone's weights: the hub checkpoint or the weights file the cache names, checked to hold
+    the very backbone the cache was extracted with. A random-init backbone has none
+    (BackboneError)."""
+    from .backbones import build_backbone
 
     key = info.get("key")
     spec = _spec_from_info(info)
     if spec.weights == "none":
         raise BackboneError(f"backbone {key!r} was random-initialised (--weights none): it has no "
                             "pretrained classifier to initialise the head from")
-    with torch.random.fork_rng(devices=[]):
-        full = _full_model(spec)
-    cls_name = full.pretrained_cfg.get("classifier")
-    cls_name = cls_name[0] if isinstance(cls_name, (list, tuple)) else cls_name
-    if spec.weights == "file":
-        from timm.models import load_state_dict
-
-        state = load_state_dict(spec.weights_file, use_ema=True, weights_only=True)
-        w, b = state.get(f"{cls_name}.weight"), state.get(f"{cls_name}.bias")
-        if w is None:
-            raise BackboneError(f"backbone {key!r}: weights file {spec.weights_file} holds no classifier "
-                                f"({cls_name}.weight); it cannot initialise the head")
-        if b is None:
-            b = torch.zeros(w.shape[0])
-    else:  # hub: the full pretrained model, checked to be the backbone the cache used
-        import huggingface_hub.constants as hf_constants
-        from .backbones import _hub_reachable
-
-        old = hf_constants.HF_HUB_OFFLINE
-        if not _hub_reachable():
-            hf_constants.HF_HUB_OFFLINE = True
-        try:
-            import timm
-            full = timm.create_model(spec.timm_name, pretrained=True, **dict(spec.model_kwargs),
-                                     **({"img_size": spec.input_size} if spec.input_size else {}))
-        except Exception as e:  # noqa: BLE001
-            raise BackboneError(f"backbone {key!r}: cannot load its pretrained classifier from the hub "
-                                f"({type(e).__name__}: {str(e)[:200]})") from e
-        finally:
-            hf_constants.HF_HUB_OFFLINE = old
-        clf = full.get_classifier()
-        if not isinstance(clf, nn.Linear):
-            raise BackboneError(f"backbone {key!r}: its classifier is a {type(clf).__name__}, not a linear layer")
-        w, b = clf.weight.detach().clone(), (clf.bias.detach().clone() if clf.bias is not None
-                                             else torch.zeros(clf.out_features))
-        full.reset_classifier(0)
-        want = info.get("source_weights_sha256") or info.get("weights_sha256")
-        if state_dict_sha256(full) != want:
-            raise BackboneError(f"backbone {key!r}: the hub checkpoint's backbone differs from the one the "
-                                "cache was extracted with; its classifier does not belong to these features")
-    subset = timm.data.infer_imagenet_subset(full) if w.shape[0] == full.num_classes else None
-    if subset is None:
-        subset = {1000: "imagenet-1k", 11821: "imagenet-12k", 21841: "imagenet-22k"}.get(int(w.shape[0]))
-    if subset is None:
+    if spec.layer:
+        raise BackboneError(f"backbone {key!r} gives layer {spec.layer} features; the pretrained "
+                            "classifier reads the final embedding")
+    try:
+        lb = build_backbone(spec, classifier=True)
+    except BackboneError as e:
+        raise BackboneError(f"backbone {key!r}: cannot load its pretrained classifier ({e})") from e
+    want = info.get("source_weights_sha256") or info.get("weights_sha256")
+    if lb.weights_sha256 != want:
+        raise BackboneError(f"backbone {key!r}: the weights' backbone differs from the one the cache was "
+                            "extracted with; their classifier does not belong to these features")
+    clf = lb.classifier or {}
+    w = clf.get("weight")
+    if w is None or w.ndim != 2:
+        where = spec.weights_file if spec.weights == "file" else "the hub checkpoint"
+        raise BackboneError(f"backbone {key!r}: {where} holds no linear classifier; it cannot initialise the head")
+    b = clf.get("bias")
+    if b is None:
+        b = torch.zeros(w.shape[0])
+    subset = {1000: "imagenet-1k", 11821: "imagenet-12k", 21841: "imagenet-22k"}.get(int(w.shape[0]))
+    if subset is None and known_label_set:
         raise BackboneError(f"backbone {key!r}: its classifier has {w.shape[0]} classes, not a known "
                             "ImageNet label set; cannot match class names")
     return w.float(), b.float(), subset
 
 
-def init_from_source_classifier(net: FeatstackNet) -> dict:
+def _rescale(rows: torch.Tensor, bias: torch.Tensor, like_w: torch.Tensor, like_b: torch.Tensor):
+    """Source classifier rows brought to the scale of the head's own rows: norms scaled to the
+    head's median row norm, biases then shifted to the head's mean bias (the order of the copied
+    rows' logits among themselves is the source model's)."""
+    scale = like_w.norm(dim=1).median() / rows.norm(dim=1).median().clamp_min(1e-12)
+    w, b = rows * scale, bias * scale
+    return w, b - b.mean() + like_b.mean(), float(scale)
+
+
+def init_from_source_classifier(net: FeatstackNet, source_classes: str | os.PathLike | None = None) -> dict:
     """Overwrite the rows of a single-backbone linear head (logreg / linear-svm) for classes
-    whose names match the backbone's ImageNet label set (synset id, description or one of its
-    comma-separated names; case, spaces, '_' and '-' ignored) with the pretrained classifier's
-    rows. The head's linear map acts on the raw backbone features (the scaler is folded in), the
-    same vectors the pretrained classifier reads. Returns the matches."""
+    whose names match the backbone's source label set with the pretrained classifier's rows,
+    rescaled to the head's scale (see :func:`_rescale`) so they mix with the rows scikit-learn
+    fitted for the other classes. The label set is ImageNet's (synset id, description or one of
+    its comma-separated names) or, with ``source_classes``, a file of class names, one a line, in
+    the classifier's row order. Case, spaces, '_' and '-' are ignored. The head's linear map acts
+    on the raw backbone features (the scaler is folded in), the same vectors the pretrained
+    classifier reads. Returns the matches."""
     if len(net.backbones) != 1:
         raise ConfigError(f"--init-from-source-classifier needs a single-backbone network; this one has "
                           f"{len(net.backbones)} ({', '.join(net.keys)})")
@@ -268,10 +266,18 @@ def init_from_source_classifier(net: FeatstackNet) -> dict:
         kind = getattr(head, "kind", head.type_name)
         raise ConfigError(f"--init-from-source-classifier needs a logreg or linear-svm head; this network's "
                           f"head is {kind!r}")
-    w, b, subset = source_classifier(net.backbone_info[0])
+    w, b, subset = source_classifier(net.backbone_info[0], known_label_set=source_classes is None)
     if w.shape[1] != head.n_features:
         raise BackboneError(f"the pretrained classifier reads {w.shape[1]} features, the head {head.n_features}")
-    index = _imagenet_index(subset)
+    if source_classes is not None:
+        labels = read_source_classes(source_classes)
+        if len(labels) != w.shape[0]:
+            raise ConfigError(f"--source-classes {source_classes} names {len(labels)} classes, the pretrained "
+                              f"classifier has {w.shape[0]} rows")
+        names, subset = [[n] for n in labels], str(source_classes)
+    else:
+        names = _imagenet_names(subset)
+    index = _label_index(names)
     matched = {c: index[_norm_name(c)] for c in net.classes if _norm_name(c) in index}
     if not matched:
         raise ConfigError(f"none of the classes ({', '.join(net.classes[:10])}) matches a class name of "
@@ -283,17 +289,18 @@ def init_from_source_classifier(net: FeatstackNet) -> dict:
                 raise ConfigError(f"a binary head has one decision row: both classes must match {subset} "
                                   f"names (matched: {', '.join(matched) or 'none'})")
             k0, k1 = matched[c0], matched[c1]
-            head.weight[0] = (w[k1] - w[k0]).to(head.weight.dtype)
-            head.bias[0] = (b[k1] - b[k0]).to(head.bias.dtype)
+            rw, rb, scale = _rescale((w[k1] - w[k0])[None], (b[k1] - b[k0])[None], head.weight.float(),
+                                     head.bias.float())
+            head.weight[0], head.bias[0] = rw[0].to(head.weight.dtype), rb[0].to(head.bias.dtype)
         else:
-            for c, k in matched.items():
-                row = net.classes.index(c)
-                head.weight[row] = w[k].to(head.weight.dtype)
-                head.bias[row] = b[k].to(head.bias.dtype)
-    import timm.data
-    info = timm.data.ImageNetInfo(subset)
-    return {"label_set": subset,
-            "matched": {c: {"index": k, "description": info.index_to_description(k)} for c, k in matched.items()},
+            rows = [net.classes.index(c) for c in matched]
+            ks = list(matched.values())
+            rw, rb, scale = _rescale(w[ks], b[ks], head.weight.float(), head.bias.float()[rows])
+            for i, row in enumerate(rows):
+                head.weight[row] = rw[i].to(head.weight.dtype)
+                head.bias[row] = rb[i].to(head.bias.dtype)
+    return {"label_set": subset, "scale": scale,
+            "matched": {c: {"index": k, "description": names[k][-1]} for c, k in matched.items()},
             "unmatched": [c for c in net.classes if c not in matched]}
 
 
@@ -382,21 +389,8 @@ class FinetuneResult:
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16")
-    return precision
+    from .device import autocast_context
+    return autocast_context(device, precision)
 
 
 def cosine_schedule(optimizer, steps: int, warmup: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
@@ -487,6 +481,7 @@ def _update_json(folder: Path, **sections) -> None:
 def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: float = 1e-3,
              backbone_lr_scale: float = 0.1, weight_decay: float = 0.0, batch_size: int = 32,
              device: str = "auto", precision: str = "auto", init_from_source: bool = False,
+             source_classes: str | os.PathLike | None = None,
              val_fraction: float = 0.1, seed: int = 0, workers: int | None = None, bn: str = "frozen",
              warmup: float = 0.0,
              progress: bool = True, train_rows: Sequence[int] | None = None) -> FinetuneResult:
@@ -499,7 +494,7 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     from tqdm.auto import tqdm
 
     from .data import open_source
-    from .extract import resolve_device
+    from .device import resolve_device, resolve_precision
 
     t0 = time.perf_counter()
     if not isinstance(epochs, int) or epochs < 1:
@@ -519,7 +514,7 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
     if src_path is not None and out.resolve() == src_path.resolve():
         raise ConfigError(f"--out {out} is the input network; write the fine-tuned one elsewhere")
     dev = resolve_device(device)
-    prec = _resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev)
     source = open_source(data) if isinstance(data, (str, os.PathLike)) else data
 
     train, val, targets, val_from = split_rows(source, net.classes, val_fraction, seed)
@@ -530,7 +525,7 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
             raise DataError("train_rows selects no labelled train row")
 
     torch.manual_seed(seed)
-    init = init_from_source_classifier(net) if init_from_source else None
+    init = init_from_source_classifier(net, source_classes) if init_from_source or source_classes else None
     net.to(dev)
     freeze_summary = apply_freeze(net, freeze)
     optimizer = make_optimizer(net, lr, backbone_lr_scale, weight_decay)

@@ -64,6 +64,7 @@ ALLOWED_TYPES: tuple[str, ...] = (
     "sklearn.preprocessing._data.MinMaxScaler",
     "sklearn.linear_model._logistic.LogisticRegression",
     "sklearn.svm._classes.LinearSVC",
+    "featstack.solvers.LbfgsLinearSVC",
     "sklearn.svm._classes.SVC",
     "sklearn.naive_bayes.GaussianNB",
     "sklearn.naive_bayes.MultinomialNB",

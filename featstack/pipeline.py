@@ -45,10 +45,22 @@ _OPTIONAL_STAGES = {"export", "finetune"}  # run only when the file names them
 
 @dataclass
 class BackboneEntry:
+    """One backbone of a pipeline: ``name`` is its cache key; ``model`` the architecture
+    (a backbone key; default: the name itself)."""
+
     name: str
     weights: str
     weights_file: str | None = None
     input_size: int | None = None
+    model: str | None = None
+    data_config: dict | None = None
+
+    def spec(self, seed: int, input_size: int | None = None):
+        from .backbones import resolve_backbone
+        return resolve_backbone(self.model or self.name, name=self.name,
+                                weights=self.weights if self.weights != "file" else "hub",
+                                weights_file=self.weights_file, input_size=self.input_size or input_size,
+                                seed=seed, data_config=self.data_config)
 
 
 @dataclass
@@ -145,7 +157,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
             b = {"name": b}
         if not isinstance(b, dict):
             raise ConfigError(f"{path}, line {lines[key]}: {key} must be a model name or a mapping "
-                              f"with name, weights, weights_file, input_size")
+                              f"with {', '.join(_BACKBONE_KEYS)}")
         b = _check_keys(b, _BACKBONE_KEYS, path, f"{key}.", lines)
         if not b["name"]:
             raise ConfigError(f"{path}, line {lines[key]}: {key} needs a name")
@@ -155,7 +167,14 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
                               f"none or file, got {weights!r}")
         if weights == "file" and not b["weights_file"]:
             raise ConfigError(f"{path}, line {lines[key]}: {key}: weights file needs weights_file: PATH")
-        backbones.append(BackboneEntry(b["name"], weights, b["weights_file"], b["input_size"]))
+        data_config = b["data_config"]
+        if data_config is not None:
+            from .backbones import check_data_config, parse_data_config
+            what = f"{path}, line {lines.get(key + '.data_config')}: {key}.data_config"
+            data_config = (parse_data_config(data_config, what) if isinstance(data_config, str)
+                           else check_data_config(data_config, what))
+        backbones.append(BackboneEntry(b["name"], weights, b["weights_file"], b["input_size"], b["model"],
+                                       data_config))
     if not backbones:
         raise ConfigError(f"{path}, line {lines['backbones']}: backbones is empty")
     stages: dict[str, Any] = {}
@@ -163,7 +182,8 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     out = top["out"] or f"runs/{name}"
     shared = {"data": top["data"], "cache": cache, "out": out, "weights": top["weights"], "seed": top["seed"],
               "backbones": [b.name for b in backbones],
-              "weights_file": {b.name: b.weights_file for b in backbones if b.weights_file}}
+              "weights_file": {b.name: b.weights_file for b in backbones if b.weights_file},
+              "data_config": {b.name: b.data_config for b in backbones if b.data_config}}
     for stage in _SECTIONS:
         v = top[stage]
         on = v is not False and not (v is None and stage in _OPTIONAL_STAGES)
@@ -210,12 +230,9 @@ def _check_names(p: Pipeline) -> None:
     Backbone names are checked against timm's model names read from its sources
     (featstack.timm_names): this imports neither torch nor timm.
     """
-    from .backbones import resolve_backbone
-
     for i, b in enumerate(p.backbones):
         try:
-            resolve_backbone(b.name, weights=b.weights if b.weights != "file" else "hub",
-                             weights_file=b.weights_file, input_size=b.input_size, seed=p.seed)
+            b.spec(p.seed)
         except FeatstackError as e:
             raise p.error(f"backbones[{i}]", str(e)) from None
     names = [b.name for b in p.backbones]
@@ -275,23 +292,22 @@ def _say(msg: str) -> None:
     print(f"featstack run: {msg}", file=sys.stderr, flush=True)
 
 
-def _spec(p: Pipeline, b: BackboneEntry, input_size: int | None):
-    from .backbones import resolve_backbone
-    return resolve_backbone(b.name, weights=b.weights if b.weights != "file" else "hub",
-                            weights_file=b.weights_file, input_size=b.input_size or input_size, seed=p.seed)
-
-
 def _cached_backbone_valid(cache, spec, ex: ExtractConfig, dataset_fp: str) -> bool:
     """True when the cache already holds this exact backbone, complete, for this dataset.
 
-    Weights from a file are always re-checked by loading (the file may have changed in place);
-    hub and seeded random-init weights are named exactly by the spec.
+    Weights from a file count as unchanged when the file's sha256 is the one recorded at
+    extraction (else they are re-checked by loading); hub and seeded random-init weights are
+    named exactly by the spec.
     """
-    from dataclasses import asdict
-    if spec.weights == "file" or spec.key not in cache.backbones or cache.dataset_fingerprint != dataset_fp:
+    from .backbones import BackboneSpec
+    from .checkpoints import sha256_file
+    if spec.key not in cache.backbones or cache.dataset_fingerprint != dataset_fp:
         return False
     meta = cache.backbone_info(spec.key)
-    return (meta.get("spec") == json.loads(json.dumps(asdict(spec)))
+    if spec.weights == "file" and meta.get("weights_file_sha256") != sha256_file(spec.weights_file):
+        return False
+    cached = meta.get("spec")
+    return (isinstance(cached, dict) and BackboneSpec.from_dict(cached).as_dict() == spec.as_dict()
             and meta.get("preprocess") == ex.preprocess and meta.get("dtype") == ex.dtype)
 
 
@@ -308,7 +324,7 @@ def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
 
     ex = p.stages["extract"]
     source = open_source(p.data)
-    specs = [_spec(p, b, ex.input_size) for b in p.backbones]
+    specs = [b.spec(p.seed, ex.input_size) for b in p.backbones]
     todo = specs
     if Path(p.cache).exists():
         try:
@@ -332,7 +348,7 @@ def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
     res.stages["extract"] = "ran"
 
 
-_SPEC_FIELDS = ("data", "backbones", "cache", "weights", "weights_file", "input_size", "seed")
+_SPEC_FIELDS = ("data", "backbones", "cache", "weights", "weights_file", "data_config", "input_size", "seed")
 
 
 def _stamp_matches(path: Path, stamp: dict) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 _TABLE_COLUMNS = ["backbones", "head", "fusion", "cv_accuracy_mean", "cv_accuracy_std", "cv_f1_macro_mean",
-                  "test_accuracy", "fit_seconds"]
+                  "test_accuracy", "fit_seconds", "random_init"]
 
 
 def _fmt(v: Any) -> str:
@@ -65,6 +65,18 @@ def _figures(p, res, cache, out: Path) -> list[tuple[str, Path]]:
     return figs
 
 
+def _pretrained_vs_random(backbones: list[dict], rows: list[dict] | None) -> list[list[str]]:
+    """One line per backbone: its weights (pretrained or RANDOM INIT) beside its best single-backbone
+    scores, so pretrained features and the random-init control read side by side."""
+    table = [["backbone", "model", "weights", "best head", "cv accuracy", "test accuracy"]]
+    single = [r for r in _ranked(rows) if r.get("fusion") == "single"]
+    for b in sorted(backbones, key=lambda b: bool(b.get("random_init"))):
+        best = next((r for r in single if r.get("backbones") == b["key"]), {})
+        table.append([b["key"], str(b["timm_name"]), "RANDOM INIT" if b.get("random_init") else "pretrained",
+                      str(best.get("head", "")), _fmt(best.get("cv_accuracy_mean")), _fmt(best.get("test_accuracy"))])
+    return table
+
+
 def _sections(p, res, cache, rows) -> list[tuple[str, list[list[str]] | str]]:
     """Report content as (title, table rows or paragraph), shared by the Markdown and HTML writers."""
     s = cache.summary()
@@ -92,6 +104,8 @@ def _sections(p, res, cache, rows) -> list[tuple[str, list[list[str]] | str]]:
         if res.network:
             chosen += f" Network: {res.network}."
     sections: list[tuple[str, Any]] = [("Dataset", dataset), ("Backbones", backbones), ("Chosen model", chosen)]
+    if any(b.get("random_init") for b in s["backbones"]):
+        sections.insert(2, ("Pretrained vs random init", _pretrained_vs_random(s["backbones"], rows)))
     if len(bench) > 1:
         sections.append((f"Bench ({len(ranked)} results, ranked by cross-validated accuracy)", bench))
     sections.append(("Stages", stages))
@@ -126,7 +140,7 @@ def write_report(p, res, cache, rows: list[dict] | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     sections = _sections(p, res, cache, rows)
     figs = _figures(p, res, cache, out)
-    header = {"Backbones", "Stages"}
+    header = {"Backbones", "Stages", "Pretrained vs random init"}
     title = f"featstack report: {p.name}"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
 

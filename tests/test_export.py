@@ -335,7 +335,10 @@ def test_network_equals_saved_model_on_real_images(demo, tmp_path, monkeypatch, 
         out_net = net.head.sklearn_outputs(f).numpy()
         # the image-level API is the same computation
         assert net.predict_names(squares[:3]) == got[:3]
-        np.testing.assert_allclose(net.sklearn_outputs(squares[:3]).numpy(), out_net[:3], rtol=1e-6, atol=1e-9)
+        # same rows in the same batch: a different batch size picks other float32 conv kernels,
+        # which moves features by ~1e-6 relative (seen under load), so compare batch to batch
+        np.testing.assert_allclose(net.sklearn_outputs(squares[:3]).numpy(),
+                                   net.head.sklearn_outputs(net.features(squares[:3])).numpy(), rtol=1e-6, atol=1e-9)
     feats = f.numpy()
     # the network recomputes the cached features from the pixels
     np.testing.assert_allclose(feats, X, rtol=1e-4, atol=1e-4)

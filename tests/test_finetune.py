@@ -239,16 +239,20 @@ def test_init_from_source_classifier(fish, demo):
     assert info["label_set"] == "imagenet-1k" and info["unmatched"] == ["unicorn"]
     assert {c: m["index"] for c, m in info["matched"].items()} == {"Goldfish": 1, "tench": 0}
     fc = fish["full"].get_classifier()
-    torch.testing.assert_close(net.head.weight[0].float(), fc.weight[1])
-    torch.testing.assert_close(net.head.bias[1].float(), fc.bias[0])
+    # copied rows, rescaled to the head's scale: the median row norm of the fitted head
+    s = info["scale"]
+    assert s == pytest.approx(float(w0.float().norm(dim=1).median() / fc.weight.detach()[[1, 0]].norm(dim=1).median()))
+    torch.testing.assert_close(net.head.weight[0].float(), fc.weight[1] * s)
+    torch.testing.assert_close(net.head.bias[1].float() - net.head.bias[0].float(), (fc.bias[0] - fc.bias[1]) * s)
     assert torch.equal(net.head.weight[2], w0[2])
-    # the rows act on the same vectors as the pretrained classifier: equal logits for those classes
+    # the rows act on the same vectors as the pretrained classifier: its logits for those classes, scaled
     x = decode_squares(open_source(fish["photos"]), [0, 1], net.input_side)
     with torch.no_grad():
         feats = net.features(x)
         fish["full"].eval()
         want = fish["full"](net._prep[0](net.squares(x)))
-    torch.testing.assert_close(net.head(feats)[:, :2].float(), want[:, [1, 0]], rtol=1e-4, atol=1e-4)
+    got = net.head(feats)[:, :2].float()
+    torch.testing.assert_close(got[:, 0] - got[:, 1], (want[:, 1] - want[:, 0]) * s, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="single-backbone"):
         init_from_source_classifier(load_network(demo["net"]))
     with pytest.raises(BackboneError, match="random-initialised"):

@@ -192,7 +192,7 @@ def _run_light(argv: list[str], cwd: Path) -> str:
 def test_check_imports_neither_torch_nor_timm(tmp_path):
     assert _run_light(["run", "--check", str(REPO / "pipelines" / "demo.yaml")], tmp_path) == "RC 0 HEAVY []"
     # an unknown backbone is still found at check time (timm's names read from its sources)
-    bad = _write(tmp_path, (REPO / "pipelines" / "demo.yaml").read_text().replace("- test_vit", "- test_vitt"))
+    bad = _write(tmp_path, (REPO / "pipelines" / "demo.yaml").read_text().replace("model: mobilenetv2_100", "model: mobilenetv2_1OO", 1))
     line = _run_light(["run", "--check", str(bad)], tmp_path)
     assert line == "RC 2 HEAVY []"
 

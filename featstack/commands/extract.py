@@ -35,4 +35,6 @@ def run(args) -> int:
         print(f"{cache}: {res.n_samples} samples, {res.rows_processed} rows extracted, "
               f"{res.shards_written} shards written, {res.shards_skipped} skipped, {res.errors} errors "
               f"in {res.seconds:.1f}s{' (' + ips + ')' if ips else ''}")
+        if res.random_init:
+            print(f"RANDOM INIT (seeded, not pretrained; features are a baseline only): {', '.join(res.random_init)}")
     return 0

@@ -40,7 +40,7 @@ def run(args) -> int:
         verified = f"verified {b['verified_utc']}" if b["verified_utc"] else "never verified"
         print(f"  {b['key']:<28} dim {b['dim']:<5} {b['dtype']:<8} weights {b['weights']} "
               f"(sha256 {str(b['weights_sha256'])[:12]})  fingerprint {str(b['fingerprint'])[:12]}  "
-              f"{state}  ({verified})")
+              f"{state}{'  RANDOM INIT (not pretrained)' if b.get('random_init') else ''}  ({verified})")
     corrupt = [b for b in s["backbones"] if b["state"] == "corrupt"]
     if corrupt:
         print(f"featstack info: {len(corrupt)} corrupt backbone(s): {corrupt[0]['problem']}; run "

@@ -1,0 +1,111 @@
+"""Faster solvers for the built-in heads, as drop-in scikit-learn estimators.
+
+Embeddings are dense and wide (512-2,048 columns, thousands of rows). liblinear, behind
+scikit-learn's ``LinearSVC``, copies them into a sparse row format and updates one coordinate
+at a time: on a 1,000 x 2,048 fold with 20 classes it took 70x LogisticRegression's time (and
+minutes at C=0.01). :class:`LbfgsLinearSVC` minimises exactly liblinear's primal objective
+(squared hinge, L2, one-vs-rest, the intercept regularised as a constant feature of value
+``intercept_scaling``) with L-BFGS on dense matrix products, all classes at once, with C relative to the rows' norms (see the class). It *is* a
+``LinearSVC`` (same parameters, same fitted attributes, same ``decision_function``/``predict``),
+so everything that handles a LinearSVC — export, stacking — handles it unchanged.
+
+CPU side: no torch here.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize
+from sklearn.svm import LinearSVC
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import validate_data
+
+
+class LbfgsLinearSVC(LinearSVC):
+    """``LinearSVC`` (squared hinge, L2, ovr) solved by L-BFGS over dense BLAS products.
+
+    Same objective per class k, with targets t = +1 for class k and -1 otherwise and
+    ``s = intercept_scaling``::
+
+        0.5 * (|w_k|^2 + b_k^2 / s^2) + C * sum_i max(0, 1 - t_i (w_k . x_i + b_k))^2
+
+    (liblinear appends s to every row and regularises its weight v = b / s). ``scale_C``
+    (default) divides ``C`` by the mean squared row norm of the training rows (SVMlight's
+    default C is the inverse of that mean), so one C suits 128- and 2,048-wide features; the
+    value used is ``C_effective_``. ``tol`` bounds the gradient of the objective divided by
+    ``C_effective_ * n_samples`` (LogisticRegression's convention: mean loss plus penalty);
+    ``max_iter`` bounds L-BFGS iterations. Measured on 20-class 2,048-wide synthetic embeddings
+    (4,000 training rows, one thread): relative C=1 with tol 1e-3 fits in about
+    LogisticRegression's time with a higher held-out accuracy, where liblinear's absolute C=1
+    took 10-70x longer and scored 0.1 lower (``benchmarks/bench_heads.py``).
+    """
+
+    def __init__(self, *, C: float = 1.0, scale_C: bool = True, tol: float = 1e-3, fit_intercept: bool = True,
+                 intercept_scaling: float = 1.0, max_iter: int = 1000, random_state=None):
+        super().__init__(C=C, tol=tol, fit_intercept=fit_intercept, intercept_scaling=intercept_scaling,
+                         max_iter=max_iter, random_state=random_state)
+        self.scale_C = scale_C
+
+    def fit(self, X, y, sample_weight=None):
+        if sample_weight is not None:
+            raise ValueError("LbfgsLinearSVC does not support sample_weight")
+        if self.C <= 0:
+            raise ValueError(f"C must be positive, got {self.C}")
+        X, y = validate_data(self, X, y, dtype=(np.float64, np.float32), order="C", accept_sparse=False)
+        check_classification_targets(y)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError("This solver needs samples of at least 2 classes in the data, but the data "
+                             f"contains only one class: {self.classes_[0]!r}")
+        k = 1 if len(self.classes_) == 2 else len(self.classes_)
+        T = np.where(y[:, None] == self.classes_[None, -k:], 1.0, -1.0).astype(X.dtype)  # (n, k)
+        sq = float(np.einsum("ij,ij->", X, X, dtype=np.float64)) / len(X) if self.scale_C else 1.0
+        self.C_effective_ = float(self.C) / max(sq, np.finfo(float).tiny)
+        W, b, n_iter = _solve(X, T, self.C_effective_, float(self.intercept_scaling) if self.fit_intercept else 0.0,
+                              float(self.tol), int(self.max_iter))
+        self.coef_ = W.T.astype(np.float64)
+        self.intercept_ = b.astype(np.float64) if self.fit_intercept else np.zeros(k)
+        self.n_iter_ = n_iter
+        return self
+
+
+def _solve(X: np.ndarray, T: np.ndarray, C: float, s: float, tol: float, max_iter: int):
+    """Minimise the per-class objectives (summed: they are independent) for W (d, k), b (k,).
+
+    Works in float32 when the features are float32 (the products dominate; the optimiser's
+    state stays float64)."""
+    n, d = X.shape
+    k = T.shape[1]
+    dt = X.dtype
+    with_b = s > 0
+
+    def unpack(theta):
+        W = theta[: d * k].reshape(d, k)
+        v = theta[d * k:] if with_b else np.zeros(k)
+        return W, v
+
+    def fg(theta):
+        W, v = unpack(theta)
+        Z = X @ W.astype(dt, copy=False)  # (n, k)
+        if with_b:
+            Z += (s * v).astype(dt)
+        margin = 1.0 - T * Z
+        active = np.maximum(margin, 0.0)
+        f = 0.5 * (theta @ theta) + C * float(np.square(active, dtype=np.float64).sum())
+        G = (-2.0 * C) * (T * active)  # dLoss/dZ
+        gW = (X.T @ G).astype(np.float64) + W
+        grad = [gW.ravel()]
+        if with_b:
+            grad.append(s * G.sum(0, dtype=np.float64) + v)
+        return f, np.concatenate(grad)
+
+    scale = 1.0 / (C * n)  # the mean loss + penalty / (C n): LogisticRegression's convention for tol
+
+    def fg_mean(theta):
+        f, g = fg(theta)
+        return f * scale, g * scale
+
+    theta0 = np.zeros(d * k + (k if with_b else 0))
+    res = minimize(fg_mean, theta0, jac=True, method="L-BFGS-B",
+                   options={"maxiter": max_iter, "gtol": tol, "ftol": 64 * np.finfo(float).eps, "maxcor": 20})
+    W, v = unpack(res.x)
+    return W, s * v, int(res.nit)

@@ -1,0 +1,77 @@
+"""featstack.solvers.LbfgsLinearSVC minimises liblinear's LinearSVC objective (checked against
+liblinear itself on problems it solves quickly) and behaves as a LinearSVC everywhere else."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from sklearn.base import clone
+from sklearn.svm import LinearSVC
+
+from featstack.solvers import LbfgsLinearSVC
+
+
+def _problem(seed: int, n: int, d: int, k: int):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1.0, (k, d))
+    y = rng.integers(0, k, n)
+    y[:k] = np.arange(k)
+    return centres[y] + rng.normal(0, 1.5, (n, d)), y
+
+
+def _objective(coef, icpt, X, y, classes, C, s=1.0):
+    """liblinear's primal: 0.5 (|w|^2 + (b/s)^2) + C sum max(0, 1 - t (w.x + b))^2, summed over classes."""
+    coef, icpt = np.atleast_2d(coef), np.atleast_1d(icpt)
+    pos = classes[-coef.shape[0]:]
+    T = np.where(y[:, None] == pos[None, :], 1.0, -1.0)
+    Z = X @ coef.T + icpt
+    return float(0.5 * ((coef ** 2).sum() + ((icpt / s) ** 2).sum()) + C * (np.maximum(0, 1 - T * Z) ** 2).sum())
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.sampled_from([2, 3, 5]), C=st.sampled_from([0.01, 0.1, 1.0]))
+def test_same_optimum_as_liblinear(seed, k, C):
+    X, y = _problem(seed, 120, 6, k)
+    ours = LbfgsLinearSVC(C=C, scale_C=False, tol=1e-10, max_iter=5000).fit(X, y)
+    ref = LinearSVC(C=C, dual=False, tol=1e-10, max_iter=100_000).fit(X, y)
+    classes = ours.classes_
+    f_ours = _objective(ours.coef_, ours.intercept_, X, y, classes, C)
+    f_ref = _objective(ref.coef_, ref.intercept_, X, y, classes, C)
+    assert f_ours <= f_ref * (1 + 1e-7) + 1e-9, (f_ours, f_ref)
+    np.testing.assert_allclose(ours.coef_, ref.coef_, rtol=1e-3, atol=1e-4 * np.abs(ref.coef_).max())
+    assert (ours.predict(X) == ref.predict(X)).mean() >= 0.99
+
+
+def test_scaled_C_and_linearsvc_interface():
+    X, y = _problem(0, 200, 40, 4)
+    est = LbfgsLinearSVC(C=2.0).fit(X, y)
+    assert est.C_effective_ == pytest.approx(2.0 / np.mean((X ** 2).sum(1)))
+    assert isinstance(est, LinearSVC) and est.coef_.shape == (4, 40) and est.intercept_.shape == (4,)
+    dec = est.decision_function(X)
+    np.testing.assert_array_equal(est.predict(X), est.classes_[dec.argmax(1)])
+    again = clone(est).fit(X.astype(np.float32), y)  # float32 input: products in float32
+    assert again.get_params()["scale_C"] is True and again.coef_.dtype == np.float64
+    assert (again.predict(X) == est.predict(X)).mean() > 0.97
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        LbfgsLinearSVC().fit(X, np.zeros(len(X), dtype=int))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.sampled_from([2, 3, 4, 7]), head=st.sampled_from(["linear-svm", "svm-rbf"]))
+def test_labels_from_decision_equal_predict(seed, k, head):
+    """bench takes the labels from decision_function's scores instead of a second predict pass."""
+    from featstack.heads import create_head, labels_from_decision
+
+    X, y = _problem(seed, 90, 5, k)
+    Xte = np.random.default_rng(seed + 1).normal(0, 2.0, (300, 5))  # many near-ties between votes
+    est = create_head(head).fit(X, y)
+    labels = labels_from_decision(est, est.decision_function(Xte))
+    np.testing.assert_array_equal(labels, est.predict(Xte))
+
+
+def test_labels_from_decision_declines_other_heads():
+    from featstack.heads import create_head, labels_from_decision
+
+    X, y = _problem(0, 60, 4, 3)
+    nb = create_head("gaussian-nb").fit(X, y)
+    assert labels_from_decision(nb, np.zeros((5, 3))) is None
