@@ -43,16 +43,14 @@ from urllib.parse import urlparse
 import numpy as np
 from joblib import Parallel, delayed, parallel_config
 from sklearn.base import clone
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from . import __version__
 from .cache import Cache, open_cache
 from .errors import CacheError, CacheMismatchError, ConfigError, DataError
-from .fusion import (FUSIONS, check_fusion, proba_from_prediction, scores_from_prediction,
-                     stack_method)
+from .fusion import bench_sizes_hint, fusion_spec, list_fusions, out_of_fold, stack_method, stack_splitter
 from .heads import create_head, head_spec, labels_from_decision
+from .models import check_finite_features, check_training_classes, inner_folds, require_training_rows
 
 BACKENDS = ("loky", "threading", "dask")
 CSV_COLUMNS = ["rank", "backbones", "head", "fusion", "size", "cv_accuracy_mean", "cv_accuracy_std",
@@ -91,15 +89,8 @@ class BenchResult:
     out: Path | None = None
 
     def best(self, metric: str = "cv_accuracy_mean") -> dict:
-        """The row with the highest ``metric`` (ties: the smaller subset, then the ranking)."""
-        if not self.rows:
-            raise ConfigError("the bench produced no rows")
-        if metric not in self.rows[0]:
-            raise ConfigError(f"{metric!r} is not a bench column ({', '.join(self.rows[0])})")
-        scored = [r for r in self.rows if r[metric] is not None]
-        if not scored:
-            raise ConfigError(f"no row has a value for {metric!r} (is there a test split?)")
-        return max(scored, key=lambda r: (r[metric], -r["size"], -self.rows.index(r)))
+        """The best row by ``metric`` (see :func:`best_row`)."""
+        return best_row(self.rows, metric)
 
     def table(self, top: int = 20) -> str:
         """The ranked table as fixed-width text (what the CLI prints)."""
@@ -116,11 +107,9 @@ def bench_rows(cache: Cache) -> tuple[np.ndarray, np.ndarray, int]:
     Train: split "train", labelled, not in the error table. Test: the same for split "test".
     ``excluded`` counts labelled train rows dropped because their input failed to decode.
     """
-    valid = cache.valid
-    labelled = cache.labels >= 0
-    train = cache.split_mask("train") & labelled
-    test = cache.split_mask("test") & labelled & valid
-    return np.flatnonzero(train & valid), np.flatnonzero(test), int((train & ~valid).sum())
+    train = cache.rows("train")
+    labelled_train = int(np.count_nonzero(cache.split_mask("train") & (cache.labels >= 0)))
+    return train, cache.rows("test"), labelled_train - len(train)
 
 
 @dataclass(frozen=True)
@@ -170,8 +159,7 @@ def _resolve(src) -> np.ndarray:
 # Tasks (module level: pickled to loky / dask workers)
 # --------------------------------------------------------------------------------------------
 
-def _splitter(cv: int, random_state: int) -> StratifiedKFold:
-    return StratifiedKFold(cv, shuffle=True, random_state=random_state)
+_splitter = stack_splitter  # the outer folds are seeded exactly like a stack's inner ones
 
 
 _LIMIT_LOCK = threading.Lock()
@@ -204,15 +192,14 @@ def _one_thread():
                 st["limiter"] = None
 
 
-def _base_task(tag, src, y, train_idx, test_idx, head, tune, random_state, cv, need_oof):
+def _base_task(tag, src, y, train_idx, test_idx, proto, cv, random_state, need_oof):
     """One (backbone, head, fold): the base head on outer-train, its outputs on outer-test and,
-    for stacking, its inner out-of-fold scores on outer-train."""
+    for fusions that need them, its inner out-of-fold scores on outer-train."""
     with _one_thread():
-        return _base(tag, _resolve(src), y, train_idx, test_idx, head, tune, random_state, cv, need_oof)
+        return _base(tag, _resolve(src), y, train_idx, test_idx, proto, cv, random_state, need_oof)
 
 
-def _base(tag, X, y, train_idx, test_idx, head, tune, random_state, cv, need_oof):
-    proto = create_head(head, tune=tune, random_state=random_state)
+def _base(tag, X, y, train_idx, test_idx, proto, cv, random_state, need_oof):
     method = stack_method(proto)
     Xtr, ytr, Xte = X[train_idx], y[train_idx], X[test_idx]
     t0 = time.perf_counter()
@@ -225,34 +212,35 @@ def _base(tag, X, y, train_idx, test_idx, head, tune, random_state, cv, need_oof
     oof, oof_s = None, 0.0
     if need_oof:
         t0 = time.perf_counter()
-        oof = cross_val_predict(clone(proto), Xtr, ytr, cv=_splitter(cv, random_state), method=method)
+        oof = out_of_fold(proto, Xtr, ytr, cv, random_state)
         oof_s = time.perf_counter() - t0
     return tag, {"method": method, "raw": raw, "pred": pred, "oof": oof, "fit_s": fit_s,
                  "oof_s": oof_s, "n_fits": 1 + (cv if need_oof else 0)}
 
 
-def _concat_task(tag, srcs, y, train_idx, test_idx, head, tune, random_state):
-    """One (subset, head, fold) of the concat fusion: one head over all the subset's columns."""
+def _fit_task(tag, srcs, y, train_idx, test_idx, proto):
+    """One (subset, head, fold) of a fusion the bench cannot assemble from shared per-backbone
+    fits (``concat``, or a fusion registered without ``bench_combine``): its own estimator on
+    all the subset's columns."""
     X = np.hstack([_resolve(s) for s in srcs])
     with _one_thread():
         t0 = time.perf_counter()
-        est = create_head(head, tune=tune, random_state=random_state).fit(X[train_idx], y[train_idx])
+        est = clone(proto).fit(X[train_idx], y[train_idx])
         fit_s = time.perf_counter() - t0
         pred = est.predict(X[test_idx]) if len(test_idx) else np.empty(0, dtype=y.dtype)
     return tag, {"pred": pred, "fit_s": fit_s}
 
 
-def _meta_task(tag, folds, random_state):
-    """One (subset, head) of the stack fusion: per fold, the meta-learner on the concatenated
-    inner out-of-fold scores of outer-train, applied to the base heads' scores on outer-test."""
+def _meta_task(tag, combine, folds, n_classes, random_state):
+    """One (fusion, subset, head): per fold, the fusion's ``bench_combine`` over the shared
+    per-backbone outputs (a stack fits its meta-learner here)."""
     out = {}
     with _one_thread():
-        for k, (meta_tr, ytr, meta_te) in folds.items():
+        for k, (parts, ytr) in folds.items():
             t0 = time.perf_counter()
-            final = LogisticRegression(max_iter=1000, random_state=random_state).fit(meta_tr, ytr)
-            fit_s = time.perf_counter() - t0
-            pred = final.predict(meta_te) if len(meta_te) else np.empty(0, dtype=ytr.dtype)
-            out[k] = {"pred": np.asarray(pred, dtype=np.int64), "fit_s": fit_s}
+            pred, n_fits = combine(parts, ytr, n_classes, random_state)
+            out[k] = {"pred": np.asarray(pred, dtype=np.int64), "fit_s": time.perf_counter() - t0,
+                      "n_fits": n_fits}
     return tag, out
 
 
@@ -277,59 +265,39 @@ def _check_int(name: str, value, lo: int) -> int:
     return int(value)
 
 
-def _check_classes(cache: Cache, y: np.ndarray, cv: int, stack: bool, tune: bool,
+def _check_classes(cache: Cache, y: np.ndarray, cv: int, need_oof: bool, tune: bool,
                    outer: list) -> None:
-    """At least two classes; every class with at least ``cv`` rows (and, for stack or --tune,
-    enough rows in every outer-training fold for the inner folds)."""
-    present, counts = np.unique(y, return_counts=True)
-    names = [cache.classes[i] for i in present]
-    if len(present) < 2:
-        raise DataError(f"the training split of {cache.path} has only one class ({names[0]!r}, "
-                        f"{int(counts[0])} rows); a classifier needs at least 2 classes")
-    few = [(n, int(c)) for n, c in zip(names, counts) if c < cv]
-    if few:
-        detail = ", ".join(f"class {n!r} has {c}" for n, c in few[:5])
-        raise DataError(f"training split of {cache.path}: {detail} row(s), fewer than the cv={cv} "
-                        "folds; lower --cv or add samples")
-    inner = 0
-    why = ""
-    if stack:
-        inner, why = cv, f"the cv={cv} inner stacking folds"
-    if tune:
-        t = create_head("logreg", tune=True).cv.get_n_splits()
-        if t > inner:
-            inner, why = t, f"the {t} inner folds of --tune"
+    """The class-count rule: every class with at least ``cv`` rows and, for fusions that need
+    out-of-fold scores or for --tune, enough rows in every outer-training fold for the inner
+    folds."""
+    check_training_classes(cache, y, cv, f"the cv={cv} folds", "lower --cv or add samples")
+    inner, why = inner_folds(cv, need_oof, tune)
     if inner:
+        present, counts = np.unique(y, return_counts=True)
         for train_idx, _ in outer:
-            sub_counts = np.bincount(np.searchsorted(present, y[train_idx]), minlength=len(present))
-            bad = np.flatnonzero(sub_counts < inner)
+            sub = np.bincount(np.searchsorted(present, y[train_idx]), minlength=len(present))
+            bad = np.flatnonzero(sub < inner)
             if len(bad):
                 i = int(bad[0])
                 raise DataError(
-                    f"training split of {cache.path}: class {names[i]!r} has {int(counts[i])} rows, "
-                    f"so an outer training fold keeps only {int(sub_counts[i])} of them, fewer than "
+                    f"training split of {cache.path}: class {cache.classes[present[i]]!r} has {int(counts[i])} "
+                    f"rows, so an outer training fold keeps only {int(sub[i])} of them, fewer than "
                     f"{why}; lower --cv or add samples")
 
 
-def _check_finite(cache: Cache, key: str, X: np.ndarray, rows: np.ndarray) -> None:
-    bad = ~np.isfinite(X).all(axis=1)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        row = int(rows[i])
-        raise DataError(f"sample {cache.ids[row]!r} (row {row}) has non-finite features for backbone "
-                        f"{key!r} in {cache.path} although it is not in the cache's error table; "
-                        f"{int(bad.sum())} such row(s) — re-extract that backbone")
-
-
 def _plan_subsets(keys: list[str], fusions: list[str], max_size: int) -> list[tuple[str, ...]]:
+    """Every subset of ``keys`` of a size some requested fusion takes (sizes 1..max_size)."""
+    specs = [fusion_spec(f) for f in fusions]
     subsets = []
     for size in range(1, min(max_size, len(keys)) + 1):
-        if size == 1 and "single" not in fusions:
-            continue
-        if size >= 2 and not any(f in fusions for f in ("concat", "vote", "stack")):
-            continue
-        subsets.extend(itertools.combinations(keys, size))
+        if any(_takes(spec, size) for spec in specs):
+            subsets.extend(itertools.combinations(keys, size))
     return subsets
+
+
+def _takes(spec, size: int) -> bool:
+    """Whether the bench evaluates a fusion on subsets of ``size`` backbones."""
+    return spec.min_backbones <= size and (spec.max_backbones is None or size <= spec.max_backbones)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,9 +412,9 @@ def run_bench(cache: Cache | str | os.PathLike, *, heads: str | Sequence[str],
         head_spec(h)
     fusion_list = _names(fusions, "fusion") or []
     if not fusion_list:
-        raise ConfigError(f"no fusion given: pass --fusions {','.join(FUSIONS)}")
+        raise ConfigError(f"no fusion given: pass --fusions {','.join(list_fusions())}")
     for f in fusion_list:
-        check_fusion(f)
+        fusion_spec(f)
     max_size = _check_int("max_size", max_size, 1)
     cv = _check_int("cv", cv, 2)
     if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0):
@@ -462,12 +430,11 @@ def run_bench(cache: Cache | str | os.PathLike, *, heads: str | Sequence[str],
             raise CacheError(f"{cache.path}: backbone {k!r} is not in this cache "
                              f"(it has: {', '.join(cache.all_backbones) or 'none'})")
     subsets = _plan_subsets(keys, fusion_list, max_size)
-    combos = [(s, f) for s in subsets for f in fusion_list
-              if (f == "single") == (len(s) == 1)]
+    combos = [(s, f) for s in subsets for f in fusion_list if _takes(fusion_spec(f), len(s))]
     if not combos:
         raise ConfigError(
             f"nothing to evaluate: fusions {', '.join(fusion_list)} with {len(keys)} backbone(s) and "
-            f"max_size {max_size} ('single' needs size 1; concat, vote and stack need 2+ backbones)")
+            f"max_size {max_size} ({bench_sizes_hint()})")
 
     be = _Backend(backend, scheduler, n_jobs, share_fs)  # unknown backend, dask missing: fail early
     try:
@@ -482,19 +449,18 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
     from tqdm.auto import tqdm
 
     train_rows, test_rows, n_excluded = bench_rows(cache)
-    if len(train_rows) == 0:
-        raise DataError(f"{cache.path} has no labelled training rows (split 'train', label set, "
-                        "decoded without error)")
+    require_training_rows(cache, train_rows)
     y_train_raw = cache.labels[train_rows]
     y_test = cache.labels[test_rows]
     n_train, n_test = len(train_rows), len(test_rows)
     classes, y = np.unique(y_train_raw, return_inverse=True)
     y = y.astype(np.int64)
-    want_stack = any(f == "stack" for _, f in combos)
-    want_base = any(f in ("single", "vote", "stack") for _, f in combos)
+    specs = {f: fusion_spec(f) for f in fusion_list}
+    want_oof = any(specs[f].needs_oof for _, f in combos)
+    want_base = any(specs[f].bench_combine is not None for _, f in combos)
     outer = list(_splitter(cv, random_state).split(np.zeros(n_train), y)) \
         if len(np.unique(y)) >= 2 and np.bincount(y).min() >= cv else []
-    _check_classes(cache, y_train_raw, cv, want_stack, tune, outer)
+    _check_classes(cache, y_train_raw, cv, want_oof, tune, outer)
     folds = {k: (tr, te) for k, (tr, te) in enumerate(outer)}
     if n_test:
         folds[REFIT] = (np.arange(n_train), n_train + np.arange(n_test))
@@ -505,7 +471,7 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
     arrays = {}
     for k in used:
         X = cache.features(k, rows=all_rows, dtype=np.float32)
-        _check_finite(cache, k, X, all_rows)
+        check_finite_features(cache, X, all_rows, [k], [X.shape[1]])
         arrays[k] = X
     dims = {k: arrays[k].shape[1] for k in used}
 
@@ -518,63 +484,52 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
         if be.name == "dask":
             scatter = list(arrays.values()) + [y]
 
+    # Heads are built here, in the caller's process, where every registered head exists.
+    protos = {h: create_head(h, tune=tune, random_state=random_state) for h in head_list}
     base_tasks = []
     if want_base:
         for k in used:
             for h in head_list:
                 for f, (tr, te) in folds.items():
                     base_tasks.append(delayed(_base_task)(
-                        ("base", k, h, f), srcs[k], y, tr, te, h, tune, random_state, cv, want_stack))
-    concat_tasks = [
-        delayed(_concat_task)(("concat", s, h, f), [srcs[k] for k in s], y, tr, te, h, tune,
-                              random_state)
-        for s, fu in combos if fu == "concat" for h in head_list for f, (tr, te) in folds.items()]
-    stack_subsets = [s for s, fu in combos if fu == "stack"]
-    n_meta_tasks = len(stack_subsets) * len(head_list)
-    bar = tqdm(total=len(base_tasks) + len(concat_tasks) + n_meta_tasks, desc="bench",
+                        ("base", k, h, f), srcs[k], y, tr, te, protos[h], cv, random_state, want_oof))
+    fit_tasks = [
+        delayed(_fit_task)(("fit", fu, s, h, f), [srcs[k] for k in s], y, tr, te,
+                           specs[fu].build(h, tuple(dims[k] for k in s), cv=cv, random_state=random_state,
+                                           tune=tune, n_jobs=None))
+        for s, fu in combos if specs[fu].bench_combine is None for h in head_list
+        for f, (tr, te) in folds.items()]
+    combined = [(s, fu) for s, fu in combos if specs[fu].bench_combine is not None]
+    bar = tqdm(total=len(base_tasks) + len(fit_tasks) + len(combined) * len(head_list), desc="bench",
                unit="task", disable=not progress, dynamic_ncols=True)
     with bar:
-        done = _run_tasks(base_tasks + concat_tasks, be, bar, scatter)
-        meta_tasks = []
-        for s in stack_subsets:
-            for h in head_list:
-                per_fold = {}
-                for f, (tr, te) in folds.items():
-                    parts = [done[("base", k, h, f)] for k in s]
-                    meta_tr = np.hstack([scores_from_prediction(p["oof"], p["method"], len(classes))
-                                         for p in parts])
-                    meta_te = np.hstack([scores_from_prediction(p["raw"], p["method"], len(classes))
-                                         for p in parts])
-                    per_fold[f] = (meta_tr, y[tr], meta_te)
-                meta_tasks.append(delayed(_meta_task)(("meta", s, h), per_fold, random_state))
-        done.update(_run_tasks(meta_tasks, be, bar))
+        done = _run_tasks(base_tasks + fit_tasks, be, bar, scatter)
+        combine_tasks = [
+            delayed(_meta_task)(("combine", fu, s, h), specs[fu].bench_combine,
+                                   {f: ([done[("base", k, h, f)] for k in s], y[tr]) for f, (tr, _) in folds.items()},
+                                   len(classes), random_state)
+            for s, fu in combined for h in head_list]
+        done.update(_run_tasks(combine_tasks, be, bar))
 
     # Scores
     n_base_fits = sum(v["n_fits"] for t, v in done.items() if t[0] == "base")
-    n_concat_fits = sum(1 for t in done if t[0] == "concat")
-    n_meta_fits = sum(len(v) for t, v in done.items() if t[0] == "meta")
+    n_concat_fits = sum(1 for t in done if t[0] == "fit")
+    n_meta_fits = sum(m["n_fits"] for t, v in done.items() if t[0] == "combine" for m in v.values())
     fold_ids = [k for k in folds if k != REFIT]
     rows, fold_scores = [], {}
     for s, fu in combos:
         for h in head_list:
             preds, times = {}, {}
             for f in folds:
-                if fu == "single":
-                    p = done[("base", s[0], h, f)]
+                if specs[fu].bench_combine is None:
+                    p = done[("fit", fu, s, h, f)]
                     preds[f], times[f] = p["pred"], p["fit_s"]
-                elif fu == "concat":
-                    p = done[("concat", s, h, f)]
-                    preds[f], times[f] = p["pred"], p["fit_s"]
-                elif fu == "vote":
-                    parts = [done[("base", k, h, f)] for k in s]
-                    proba = np.mean([proba_from_prediction(p["raw"], p["method"]) for p in parts], axis=0)
-                    preds[f] = np.argmax(proba, axis=1)
-                    times[f] = sum(p["fit_s"] for p in parts)
                 else:
                     parts = [done[("base", k, h, f)] for k in s]
-                    m = done[("meta", s, h)][f]
+                    m = done[("combine", fu, s, h)][f]
                     preds[f] = m["pred"]
-                    times[f] = sum(p["fit_s"] + p["oof_s"] for p in parts) + m["fit_s"]
+                    own_oof = specs[fu].needs_oof  # a fusion's cost counts the inner folds it uses
+                    times[f] = sum(p["fit_s"] + (p["oof_s"] if own_oof else 0.0) for p in parts) + m["fit_s"]
             acc = [accuracy_score(y_train_raw[folds[f][1]], classes[preds[f]]) for f in fold_ids]
             f1 = [f1_score(y_train_raw[folds[f][1]], classes[preds[f]], average="macro", zero_division=0)
                   for f in fold_ids]
@@ -615,12 +570,33 @@ def mark_random_init(rows: list[dict], cache: Cache) -> list[dict]:
     return rows
 
 
+def _rank_key(row: dict, metric: str) -> tuple:
+    """THE ranking rule (the bench table, ``BenchResult.best``, the pipeline's choice of model
+    and the report all rank through it): ``metric`` (rows without a value last), then cv
+    macro-F1, then smaller subsets, then by name (deterministic, so equal runs give equal files)."""
+    value, f1 = row.get(metric), row.get("cv_f1_macro_mean")
+    return (value is None, -float(value or 0.0), -float(f1 or 0.0), int(row.get("size") or 1),
+            str(row.get("backbones")), str(row.get("head")), str(row.get("fusion")))
+
+
 def rank_rows(rows: Iterable[dict], metric: str = "cv_accuracy_mean") -> list[dict]:
-    """Rows best first: ``metric``, then cv macro-F1, then smaller subsets, then by name
-    (deterministic, so equal runs give equal files); ``rank`` is set from 1."""
-    ranked = sorted(rows, key=lambda r: (-r[metric], -r["cv_f1_macro_mean"], r["size"],
-                                         r["backbones"], r["head"], r["fusion"]))
+    """Copies of the rows, best first by :func:`_rank_key`, with ``rank`` set from 1."""
+    ranked = sorted(rows, key=lambda r: _rank_key(r, metric))
     return [{"rank": i + 1, **{k: v for k, v in r.items() if k != "rank"}} for i, r in enumerate(ranked)]
+
+
+def best_row(rows: Sequence[dict], metric: str = "cv_accuracy_mean") -> dict:
+    """The first row by the ranking rule among those with a value for ``metric``; a ConfigError
+    when there is none or ``metric`` is not a bench column."""
+    rows = list(rows)
+    if not rows:
+        raise ConfigError("the bench produced no rows")
+    if metric not in rows[0]:
+        raise ConfigError(f"{metric!r} is not a bench column ({', '.join(rows[0])})")
+    scored = [r for r in rows if r[metric] is not None]
+    if not scored:
+        raise ConfigError(f"no row has a value for {metric!r} (is there a test split?)")
+    return min(scored, key=lambda r: _rank_key(r, metric))
 
 
 # --------------------------------------------------------------------------------------------

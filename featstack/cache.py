@@ -74,6 +74,21 @@ FINGERPRINT_FIELDS = (
 # Counted in the fingerprint when present (extracted backbones record them; array caches do not).
 # "source" (a model family other than timm) and "layer" (an intermediate layer) likewise.
 OPTIONAL_FINGERPRINT_FIELDS = ("decode", "source", "layer")
+# The fingerprint fields set by extraction settings rather than by the model and its weights.
+SETTING_FINGERPRINT_FIELDS = ("preprocess", "dtype", "decode")
+# What makes feature vectors comparable across caches (a saved model's fingerprint): the
+# cache's fields without the dataset (a model predicts on other datasets) and the storage dtype
+# (float16 and float32 storage of one extractor differ by rounding only). "decode" counts as
+# null when absent (as in every model saved so far); other optional fields when present.
+FEATURE_FINGERPRINT_FIELDS = tuple(f for f in FINGERPRINT_FIELDS
+                                   if f not in ("dataset_fingerprint", "dtype")) + ("decode",)
+
+
+def feature_fingerprint_fields(meta: dict) -> dict:
+    """The part of a backbone's metadata a saved model's feature fingerprint covers."""
+    fields = {f: meta.get(f) for f in FEATURE_FINGERPRINT_FIELDS}
+    fields.update({f: meta[f] for f in OPTIONAL_FINGERPRINT_FIELDS if f in meta})
+    return fields
 
 
 def _sha256(*parts: bytes) -> str:
@@ -864,6 +879,16 @@ class Cache:
         mask = np.ones(len(self), dtype=bool)
         mask[self.error_rows] = False
         return mask
+
+    def rows(self, split: str | None = None, labelled: bool = True) -> np.ndarray:
+        """Indices of the rows to fit or score on: input decoded, in ``split`` (None: any),
+        and labelled unless ``labelled=False``."""
+        mask = self.valid
+        if split is not None:
+            mask &= self.split_mask(split)
+        if labelled:
+            mask &= self.labels >= 0
+        return np.flatnonzero(mask)
 
     def split_mask(self, split: str) -> np.ndarray:
         if split not in SPLITS:

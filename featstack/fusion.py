@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import difflib
 import numbers
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -30,19 +31,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .errors import ConfigError
-from .heads import create_head, head_spec
+from .heads import HEADS, create_head, head_spec, type_name
 
-FUSIONS = ("single", "concat", "vote", "stack")
 STACK_METHODS = ("predict_proba", "decision_function")
-
-
-def check_fusion(name: str) -> str:
-    """``name`` if it is a known fusion; otherwise one ConfigError with a suggestion."""
-    if name in FUSIONS:
-        return name
-    close = difflib.get_close_matches(str(name), FUSIONS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"unknown fusion {name!r}{hint}; known fusions: {', '.join(FUSIONS)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,9 +57,11 @@ def scores_from_prediction(pred: np.ndarray, method: str, n_classes: int) -> np.
     Binary problems give ONE column (the positive-class probability, or the decision value)
     because the two probability columns are collinear; this is how scikit-learn's stacking
     builds its meta-features, so the meta-learner sees the same matrix (in the same dtype: a
-    float32 input gives float32 scores, exactly as there).
+    float32 input gives float32 scores, exactly as there). Array-likes with ``ndim`` (a torch
+    tensor of an exported head) keep their type.
     """
-    pred = np.asarray(pred)
+    if not hasattr(pred, "ndim"):
+        pred = np.asarray(pred)
     if pred.ndim == 1:
         return pred.reshape(-1, 1)
     if method == "predict_proba" and n_classes == 2:
@@ -110,6 +103,45 @@ def block_proba(est: BaseEstimator, X: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# The rules of vote and stack, shared by the estimators below and by the bench (which applies
+# them to cached out-of-fold outputs instead of refitting)
+# --------------------------------------------------------------------------------------------
+
+def vote_proba(probas: Sequence[np.ndarray]) -> np.ndarray:
+    """The soft vote: the mean of the blocks' (n, n_classes) probabilities."""
+    return np.mean(probas, axis=0)
+
+
+def stack_features(preds: Sequence[np.ndarray], methods: Sequence[str], n_classes: int) -> np.ndarray:
+    """Meta-features of a stack: each block's raw outputs as scores, blocks side by side."""
+    return np.hstack([scores_from_prediction(p, m, n_classes) for p, m in zip(preds, methods)])
+
+
+def stack_splitter(cv: int, random_state: int | None) -> StratifiedKFold:
+    """The seeded folds of the out-of-fold scores a stack's meta-learner is trained on."""
+    return StratifiedKFold(cv, shuffle=True, random_state=random_state)
+
+
+def out_of_fold(head: BaseEstimator, X: np.ndarray, y: np.ndarray, cv: int, random_state: int | None,
+                n_jobs: int | None = None) -> np.ndarray:
+    """Raw out-of-fold outputs (``stack_method``) of clones of ``head`` on ``cv`` seeded folds."""
+    return cross_val_predict(clone(head), X, y, cv=stack_splitter(cv, random_state),
+                             method=stack_method(head), n_jobs=n_jobs)
+
+
+def default_meta_learner(random_state: int | None = None) -> BaseEstimator:
+    """The meta-learner of a stack unless another one is given."""
+    return LogisticRegression(max_iter=1000, random_state=random_state)
+
+
+def fit_meta_learner(final: BaseEstimator | None, random_state: int | None, meta: np.ndarray,
+                     y: np.ndarray) -> BaseEstimator:
+    """A fresh copy of ``final`` (None: the default meta-learner) fitted on the meta-features."""
+    est = default_meta_learner(random_state) if final is None else clone(final)
+    return est.fit(meta, y)
+
+
+# --------------------------------------------------------------------------------------------
 # Shared validation
 # --------------------------------------------------------------------------------------------
 
@@ -135,42 +167,49 @@ def block_slices(dims: Sequence[int] | None, n_features: int) -> list[slice]:
     return out
 
 
-def check_finite_rows(X: np.ndarray, what: str = "X") -> None:
-    """Raise ValueError naming the first row (and column) holding NaN or infinity."""
+def first_non_finite(X: np.ndarray) -> tuple[int, int, int] | None:
+    """(row, column, number of rows affected) of the first NaN or infinity in X, else None."""
     X = np.asarray(X)
     if X.dtype.kind not in "fc":
-        return
+        return None
     finite = np.isfinite(X)
     if finite.all():
-        return
+        return None
     row, col = np.argwhere(~finite)[0]
-    bad = int((~finite.all(axis=1)).sum())
-    raise ValueError(f"Input {what} contains NaN or infinity at row {row} (column {col}, value "
-                     f"{X[row, col]}); {bad} row(s) are not finite")
+    return int(row), int(col), int((~finite.all(axis=1)).sum())
+
+
+def check_finite_rows(X: np.ndarray, what: str = "X") -> None:
+    """Raise ValueError naming the first row (and column) holding NaN or infinity."""
+    bad = first_non_finite(X)
+    if bad is not None:
+        row, col, n = bad
+        raise ValueError(f"Input {what} contains NaN or infinity at row {row} (column {col}, value "
+                         f"{np.asarray(X)[row, col]}); {n} row(s) are not finite")
 
 
 def _label(v) -> str:
     return repr(v.item() if isinstance(v, np.generic) else v)
 
 
-def check_class_counts(y_encoded: np.ndarray, classes: np.ndarray, cv: int | None, owner: str) -> None:
-    """At least two classes, and (for out-of-fold predictions) at least ``cv`` rows per class."""
-    if len(classes) < 2:
-        raise ValueError(f"{owner} needs at least 2 classes to train; y has only 1 class "
-                         f"({_label(classes[0])})")
-    if cv is not None:
-        counts = np.bincount(y_encoded, minlength=len(classes))
-        few = np.flatnonzero(counts < cv)
-        if len(few):
-            detail = ", ".join(f"class {_label(classes[i])} has {counts[i]}" for i in few[:5])
-            raise ValueError(f"{owner}: {detail} sample(s), fewer than the cv={cv} folds; every "
-                             "class needs at least one sample per fold (lower cv or add samples)")
-
-
-def _check_cv(cv) -> int:
-    if not isinstance(cv, numbers.Integral) or isinstance(cv, bool) or cv < 2:
-        raise ValueError(f"cv must be an integer >= 2 (number of stratified folds), got {cv!r}")
-    return int(cv)
+def check_class_counts(y: np.ndarray, need: int = 0, why: str = "", *, names: Sequence | None = None,
+                       subject: str = "y", owner: str = "a classifier", unit: str = "sample(s)",
+                       hint: str = "lower cv or add samples", error: type = ValueError) -> None:
+    """The class-count rule of every fit: at least two classes, and at least ``need`` rows of
+    each (``why`` says what needs them, e.g. "the cv=5 folds"). ``y`` holds class labels, or
+    indices into ``names`` (the class names to report); ``error`` is raised naming the classes
+    short of rows, ``subject`` (what y is) and ``owner`` (what is being fitted)."""
+    present, counts = np.unique(np.asarray(y), return_counts=True)
+    labels = [names[int(c)] if names is not None else c for c in present]
+    if len(present) < 2:
+        only = f"({_label(labels[0])}, {int(counts[0])} rows)" if len(present) else "(no rows)"
+        raise error(f"{subject} has only one class {only}; {owner} needs at least 2 classes to train, "
+                    "and only 1 class is present")
+    few = [(lab, int(c)) for lab, c in zip(labels, counts) if c < need]
+    if few:
+        detail = ", ".join(f"class {_label(lab)} has {c}" for lab, c in few[:5])
+        raise error(f"{subject}: {detail} {unit}, fewer than {why}; every class needs at least "
+                    f"one per fold ({hint})")
 
 
 class _BlockClassifier(ClassifierMixin, BaseEstimator):
@@ -225,7 +264,7 @@ class VoteClassifier(_BlockClassifier):
     def fit(self, X, y) -> "VoteClassifier":
         """Fit one head per block on all rows."""
         X, y_enc, _ = self._validate_fit(X, y)
-        check_class_counts(y_enc, self.classes_, None, type(self).__name__)
+        check_class_counts(y, owner=type(self).__name__)
         proto = create_head(self.head, tune=bool(self.tune), random_state=self.random_state)
         self.estimators_ = [clone(proto).fit(Xb, y_enc) for Xb in self._blocks(X)]
         return self
@@ -233,8 +272,7 @@ class VoteClassifier(_BlockClassifier):
     def predict_proba(self, X) -> np.ndarray:
         """Mean over blocks of each head's probabilities (or softmaxed decision values)."""
         X = self._validate_predict(X)
-        probas = [block_proba(est, Xb) for est, Xb in zip(self.estimators_, self._blocks(X))]
-        return np.mean(probas, axis=0)
+        return vote_proba([block_proba(est, Xb) for est, Xb in zip(self.estimators_, self._blocks(X))])
 
     def predict(self, X) -> np.ndarray:
         """The class with the highest averaged probability (ties → the lowest class index)."""
@@ -246,13 +284,19 @@ def _final_has(method: str):
     def check(self) -> bool:
         if hasattr(self, "final_estimator_"):
             return hasattr(self.final_estimator_, method)
-        final = self.final_estimator if self.final_estimator is not None else LogisticRegression()
+        final = self.final_estimator if self.final_estimator is not None else default_meta_learner()
         return hasattr(final, method)
     return check
 
 
 def _fit_one(est, X, y):
     return est.fit(X, y)
+
+
+def _check_cv(cv) -> int:
+    if not isinstance(cv, numbers.Integral) or isinstance(cv, bool) or cv < 2:
+        raise ValueError(f"cv must be an integer >= 2 (number of stratified folds), got {cv!r}")
+    return int(cv)
 
 
 class StackClassifier(TransformerMixin, _BlockClassifier):
@@ -288,37 +332,28 @@ class StackClassifier(TransformerMixin, _BlockClassifier):
         self.tune = tune
         self.n_jobs = n_jobs
 
-    def _make_final(self) -> BaseEstimator:
-        if self.final_estimator is None:
-            return LogisticRegression(max_iter=1000, random_state=self.random_state)
-        return clone(self.final_estimator)
-
     def fit(self, X, y) -> "StackClassifier":
         """Out-of-fold scores per block → meta-learner; then refit the base heads on all rows."""
         cv = _check_cv(self.cv)
         X, y_enc, _ = self._validate_fit(X, y)
-        check_class_counts(y_enc, self.classes_, cv, type(self).__name__)
+        check_class_counts(y, cv, f"the cv={cv} folds", owner=type(self).__name__)
         blocks = self._blocks(X)
         proto = create_head(self.head, tune=bool(self.tune), random_state=self.random_state)
         method = stack_method(proto)
-        splitter = StratifiedKFold(cv, shuffle=True, random_state=self.random_state)
         parallel = Parallel(n_jobs=self.n_jobs)
-        oof = parallel(
-            delayed(cross_val_predict)(clone(proto), Xb, y_enc, cv=splitter, method=method,
-                                       n_jobs=self.n_jobs)
-            for Xb in blocks)
+        oof = parallel(delayed(out_of_fold)(proto, Xb, y_enc, cv, self.random_state, self.n_jobs)
+                       for Xb in blocks)
         self.estimators_ = parallel(delayed(_fit_one)(clone(proto), Xb, y_enc) for Xb in blocks)
         self.stack_methods_ = [method] * len(blocks)
-        meta = np.hstack([scores_from_prediction(p, method, len(self.classes_)) for p in oof])
-        self.final_estimator_ = self._make_final().fit(meta, y_enc)
+        meta = stack_features(oof, self.stack_methods_, len(self.classes_))
+        self.final_estimator_ = fit_meta_learner(self.final_estimator, self.random_state, meta, y_enc)
         return self
 
     def transform(self, X) -> np.ndarray:
         """Meta-features of X: the refit base heads' scores, blocks side by side."""
         X = self._validate_predict(X)
-        return np.hstack([
-            scores_from_prediction(getattr(est, m)(Xb), m, len(self.classes_))
-            for est, m, Xb in zip(self.estimators_, self.stack_methods_, self._blocks(X))])
+        raw = [getattr(est, m)(Xb) for est, m, Xb in zip(self.estimators_, self.stack_methods_, self._blocks(X))]
+        return stack_features(raw, self.stack_methods_, len(self.classes_))
 
     def predict(self, X) -> np.ndarray:
         """Class predicted by the meta-learner."""
@@ -338,6 +373,116 @@ class StackClassifier(TransformerMixin, _BlockClassifier):
         return self.final_estimator_.decision_function(meta)
 
 
+# --------------------------------------------------------------------------------------------
+# The fusion registry
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """A registered fusion: everything training, the bench, persistence and export need.
+
+    ``build(head, dims, *, cv, random_state, tune, n_jobs)`` returns the unfitted estimator over
+    blocks of widths ``dims``. ``min_backbones``/``max_backbones`` bound the backbone subsets the
+    bench evaluates it on (training refuses more than ``max_backbones``). ``bench_combine`` is
+    how the bench scores it from the per-block head outputs it shares across subsets:
+    ``combine(parts, y_train, n_classes, random_state) -> (predicted class indices, number of
+    meta-learner fits)``, where each part is one block's fitted head on an outer fold (``method``,
+    ``raw`` and ``pred``: its outputs on the outer-test rows; ``oof``: its inner out-of-fold
+    outputs on the outer-train rows, computed when ``needs_oof``). ``bench_combine=None``: the
+    bench fits ``build``'s estimator on the subset's columns per fold (always correct, never
+    shared). ``needs_oof`` also means training needs ``cv`` rows of every class. ``allowed_types``:
+    type names a saved estimator of this fusion holds besides its heads (skops allowlist).
+    ``converter``: a name in :data:`featstack.convert.FUSION_CONVERTERS`, a callable
+    ``convert(estimator, dims, dtype, convert_head) -> HeadModule``, or None (export refuses).
+    """
+
+    name: str
+    build: Callable[..., BaseEstimator]
+    min_backbones: int = 2
+    max_backbones: int | None = None
+    bench_combine: Callable | None = None
+    needs_oof: bool = False
+    allowed_types: tuple[str, ...] = ()
+    converter: str | Callable | None = None
+    description: str = ""
+
+
+FUSION_SPECS: dict[str, FusionSpec] = {}
+
+
+def register_fusion(name: str | FusionSpec, build: Callable[..., BaseEstimator] | None = None,
+                    **spec_fields) -> FusionSpec:
+    """Add a fusion to the registry (names are unique: they are stored in saved models); the
+    bench, training, loading and export pick it up from here."""
+    spec = name if isinstance(name, FusionSpec) else FusionSpec(name=name, build=build, **spec_fields)
+    if spec.name in FUSION_SPECS:
+        raise ValueError(f"fusion {spec.name!r} is already registered")
+    if spec.min_backbones < 1 or (spec.max_backbones is not None and spec.max_backbones < spec.min_backbones):
+        raise ValueError(f"fusion {spec.name!r}: backbone bounds {spec.min_backbones}..{spec.max_backbones}")
+    FUSION_SPECS[spec.name] = replace(spec, allowed_types=tuple(spec.allowed_types))
+    return FUSION_SPECS[spec.name]
+
+
+def list_fusions() -> list[str]:
+    """Registered fusion names, in registration order."""
+    return list(FUSION_SPECS)
+
+
+def fusion_spec(name: str) -> FusionSpec:
+    """The spec of a registered fusion; an unknown name is one ConfigError with a suggestion."""
+    try:
+        return FUSION_SPECS[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), FUSION_SPECS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown fusion {name!r}{hint}; known fusions: {', '.join(FUSION_SPECS)}") from None
+
+
+def check_fusion(name: str) -> str:
+    """``name`` if it is a known fusion; otherwise one ConfigError with a suggestion."""
+    return fusion_spec(name).name
+
+
+def check_backbone_count(fusion: str, n: int, keys: Sequence[str] = ()) -> None:
+    """Refuse more backbones than a fusion takes (``single``: exactly one)."""
+    spec = fusion_spec(fusion)
+    if spec.max_backbones is not None and n > spec.max_backbones:
+        took = "exactly one backbone" if spec.max_backbones == 1 else f"at most {spec.max_backbones} backbones"
+        named = f" ({', '.join(keys)})" if keys else ""
+        others = ", ".join(f for f, s in FUSION_SPECS.items() if s.max_backbones is None or s.max_backbones >= n)
+        raise ConfigError(f"fusion {fusion!r} takes {took}, got {n}{named}; use {others} to combine them")
+
+
+def _built(spec: FusionSpec) -> BaseEstimator:
+    """An unfitted estimator of a fusion, over its smallest number of one-column blocks."""
+    return spec.build(next(iter(HEADS)), (1,) * spec.min_backbones, cv=2, random_state=0, tune=False,
+                      n_jobs=None)
+
+
+def fusion_root_types() -> dict[str, FusionSpec]:
+    """Type name of each fusion's estimator → the first fusion building it (a plain head's
+    type maps to ``single``)."""
+    out: dict[str, FusionSpec] = {}
+    for spec in FUSION_SPECS.values():
+        out.setdefault(type_name(_built(spec)), spec)
+    return out
+
+
+def fusion_of_estimator(estimator) -> FusionSpec | None:
+    """The fusion whose estimator type ``estimator`` has (a plain head: ``single``), else None."""
+    return fusion_root_types().get(type_name(estimator))
+
+
+def bench_sizes_hint() -> str:
+    """Which subset sizes each fusion is benched on, for "nothing to evaluate" errors."""
+    def sizes(s: FusionSpec) -> str:
+        if s.max_backbones == s.min_backbones:
+            return f"size {s.min_backbones}"
+        return f"{s.min_backbones}+ backbones" if s.max_backbones is None else \
+            f"{s.min_backbones}..{s.max_backbones} backbones"
+    return "; ".join(f"{n!r} needs {sizes(s)}" for n, s in FUSION_SPECS.items())
+
+
 def build_model(head: str, fusion: str, dims: Sequence[int], *, cv: int = 5, random_state: int = 0,
                 tune: bool = False, n_jobs: int | None = None) -> BaseEstimator:
     """A fresh, unfitted estimator for a head × fusion over blocks of widths ``dims``.
@@ -345,17 +490,64 @@ def build_model(head: str, fusion: str, dims: Sequence[int], *, cv: int = 5, ran
     ``single``/``concat`` are the plain head on all columns (``single`` insists on one block);
     ``vote`` and ``stack`` fit one head per block.
     """
-    check_fusion(fusion)
+    spec = fusion_spec(fusion)
     head_spec(head)
     dims = tuple(int(d) for d in dims)
-    if fusion == "single":
-        if len(dims) != 1:
-            raise ConfigError(f"fusion 'single' takes exactly one backbone, got {len(dims)}; "
-                              "use concat, vote or stack to combine several")
-        return create_head(head, tune=tune, random_state=random_state, n_jobs=n_jobs)
-    if fusion == "concat":
-        return create_head(head, tune=tune, random_state=random_state, n_jobs=n_jobs)
-    if fusion == "vote":
-        return VoteClassifier(head=head, dims=dims, tune=tune, random_state=random_state)
-    return StackClassifier(head=head, dims=dims, cv=cv, random_state=random_state, tune=tune,
-                           n_jobs=n_jobs)
+    check_backbone_count(fusion, len(dims))
+    return spec.build(head, dims, cv=cv, random_state=random_state, tune=tune, n_jobs=n_jobs)
+
+
+def _plain_head(head, dims, *, cv, random_state, tune, n_jobs):
+    return create_head(head, tune=tune, random_state=random_state, n_jobs=n_jobs)
+
+
+def _vote(head, dims, *, cv, random_state, tune, n_jobs):
+    return VoteClassifier(head=head, dims=dims, tune=tune, random_state=random_state)
+
+
+def _stack(head, dims, *, cv, random_state, tune, n_jobs):
+    return StackClassifier(head=head, dims=dims, cv=cv, random_state=random_state, tune=tune, n_jobs=n_jobs)
+
+
+def _empty_pred(parts) -> np.ndarray:
+    return np.empty(0, dtype=np.int64)
+
+
+def bench_single(parts, y_train, n_classes, random_state):
+    """The one block's head predictions."""
+    return parts[0]["pred"], 0
+
+
+def bench_vote(parts, y_train, n_classes, random_state):
+    """Argmax of :func:`vote_proba` over the blocks' probabilities (ties → lowest class)."""
+    if parts[0]["raw"] is None:
+        return _empty_pred(parts), 0
+    proba = vote_proba([proba_from_prediction(p["raw"], p["method"]) for p in parts])
+    return np.argmax(proba, axis=1), 0
+
+
+def bench_stack(parts, y_train, n_classes, random_state):
+    """The default meta-learner on the blocks' inner out-of-fold scores, applied to their
+    scores on the outer-test rows: exactly what :class:`StackClassifier` fits on that fold."""
+    methods = [p["method"] for p in parts]
+    final = fit_meta_learner(None, random_state, stack_features([p["oof"] for p in parts], methods, n_classes),
+                             y_train)
+    if parts[0]["raw"] is None:
+        return _empty_pred(parts), 1
+    meta = stack_features([p["raw"] for p in parts], methods, n_classes)
+    return np.asarray(final.predict(meta), dtype=np.int64), 1
+
+
+_META_TYPES = (type_name(LogisticRegression),)
+register_fusion("single", _plain_head, min_backbones=1, max_backbones=1, bench_combine=bench_single,
+                converter="head", description="one head on one backbone")
+register_fusion("concat", _plain_head, min_backbones=2, converter="head",
+                description="one head on the backbones' features side by side (early fusion)")
+register_fusion("vote", _vote, min_backbones=2, bench_combine=bench_vote,
+                allowed_types=(type_name(VoteClassifier),), converter="vote",
+                description="one head per backbone, class probabilities averaged (late fusion)")
+register_fusion("stack", _stack, min_backbones=2, bench_combine=bench_stack, needs_oof=True,
+                allowed_types=(type_name(StackClassifier),) + _META_TYPES, converter="stack",
+                description="one head per backbone, out-of-fold scores → a meta-learner")
+
+FUSIONS = tuple(FUSION_SPECS)  # the built-in fusions (list_fusions() also has registered ones)

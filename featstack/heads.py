@@ -10,7 +10,7 @@ This module (and the rest of the CPU side) never imports torch.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -28,22 +28,77 @@ from .solvers import LbfgsLinearSVC
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """A registered head: how to build it, and which parameter ``--tune`` searches over."""
+    """A registered head: everything training, persistence and export need to know about it.
+
+    ``build(seed)`` returns a fresh, unfitted scikit-learn classifier (usually a Pipeline that
+    carries its own scaling). ``tune_param``/``tune_grid`` are what ``--tune`` searches (no grid:
+    the head cannot be tuned). ``allowed_types`` are the fully qualified type names a fitted,
+    saved head may contain (the skops load allowlist is the union over the registries); the
+    types of the unfitted estimator and its parameters are added at registration, so most heads
+    need to name only types that appear when fitting (e.g. a tree's ``sklearn.tree._tree.Tree``).
+    ``converter`` turns the fitted head into a torch module for export: the name of a converter
+    in :data:`featstack.convert.HEAD_CONVERTERS` (``"sklearn"``: scalers → a linear, kernel or
+    naive Bayes classifier), a callable ``convert(fitted_estimator, torch_dtype) -> HeadModule``,
+    or None (export refuses the head, naming it, before writing anything).
+    """
 
     name: str
-    build: Callable[[int], Pipeline]
-    description: str
-    tune_param: str
+    build: Callable[[int], BaseEstimator]
+    description: str = ""
+    tune_param: str | None = None
     tune_grid: tuple = field(default_factory=tuple)
+    allowed_types: tuple[str, ...] = ()
+    converter: str | Callable | None = None
 
 
 HEADS: dict[str, HeadSpec] = {}
 
 
-def register_head(spec: HeadSpec) -> HeadSpec:
-    """Add a head to the registry (names are unique: they are stored in saved models)."""
+def type_name(obj_or_type) -> str:
+    """``module.Class`` of an object or type, as skops records it in a saved file."""
+    t = obj_or_type if isinstance(obj_or_type, type) else type(obj_or_type)
+    return f"{t.__module__}.{t.__name__}"
+
+
+def estimator_types(estimator) -> set[str]:
+    """Type names of an (unfitted) estimator and of every estimator among its parameters,
+    steps and transformers, recursively: what a saved copy of it is at least made of."""
+    out: set[str] = set()
+    todo = [estimator]
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+        elif hasattr(obj, "get_params") and not isinstance(obj, type):
+            out.add(type_name(obj))
+            todo.extend(obj.get_params(deep=False).values())
+    return out
+
+
+def register_head(name: str | HeadSpec, build: Callable[[int], BaseEstimator] | None = None,
+                  **spec_fields) -> HeadSpec:
+    """Add a head to the registry: ``register_head("ridge", lambda seed: make_pipeline(...),
+    tune_param="clf__alpha", tune_grid=(0.1, 1, 10))``, or ``register_head(HeadSpec(...))``.
+
+    Names are unique (they are stored in saved models): register a head once per process, and
+    again in any process that loads a model made with it, as with timm models.
+    """
+    spec = name if isinstance(name, HeadSpec) else HeadSpec(name=name, build=build, **spec_fields)
+    if not isinstance(spec.name, str) or not spec.name:
+        raise ValueError(f"a head name must be a non-empty string, got {spec.name!r}")
     if spec.name in HEADS:
         raise ValueError(f"head {spec.name!r} is already registered")
+    if not callable(spec.build):
+        raise ValueError(f"head {spec.name!r}: build must be a callable build(seed) -> estimator")
+    proto = spec.build(0)
+    if not hasattr(proto, "fit") or not hasattr(proto, "predict"):
+        raise ValueError(f"head {spec.name!r}: build(seed) returned {type(proto).__name__}, "
+                         "not a scikit-learn classifier")
+    if spec.tune_grid and spec.tune_param not in proto.get_params():
+        raise ValueError(f"head {spec.name!r}: tune_param {spec.tune_param!r} is not a parameter "
+                         "of the estimator build(seed) returns")
+    types = tuple(sorted(set(spec.allowed_types) | estimator_types(proto)))
+    spec = replace(spec, tune_grid=tuple(spec.tune_grid), allowed_types=types)
     HEADS[spec.name] = spec
     return spec
 
@@ -79,16 +134,21 @@ def _complement_nb(seed: int) -> Pipeline:
 
 
 _C_GRID = tuple(float(c) for c in np.logspace(-3, 2, 6))
-register_head(HeadSpec("logreg", _logreg, "multinomial logistic regression (L2)", "clf__C", _C_GRID))
-register_head(HeadSpec("linear-svm", _linear_svm, "linear SVM (squared hinge, one-vs-rest, L-BFGS; C relative to the row norms)", "clf__C", _C_GRID))
-register_head(HeadSpec("svm-rbf", _svm_rbf, "SVM with RBF kernel (SVC, one-vs-one)", "clf__C",
-                       tuple(float(c) for c in np.logspace(-1, 3, 5))))
-register_head(HeadSpec("gaussian-nb", _gaussian_nb, "Gaussian naive Bayes", "clf__var_smoothing",
-                       tuple(float(v) for v in np.logspace(-11, -3, 5))))
-register_head(HeadSpec("multinomial-nb", _multinomial_nb, "multinomial naive Bayes on min-max scaled features",
-                       "clf__alpha", tuple(float(a) for a in np.logspace(-3, 1, 5))))
-register_head(HeadSpec("complement-nb", _complement_nb, "complement naive Bayes on min-max scaled features",
-                       "clf__alpha", tuple(float(a) for a in np.logspace(-3, 1, 5))))
+_NB_GRID = tuple(float(a) for a in np.logspace(-3, 1, 5))
+register_head("logreg", _logreg, description="multinomial logistic regression (L2)",
+              tune_param="clf__C", tune_grid=_C_GRID, converter="sklearn")
+register_head("linear-svm", _linear_svm, description="linear SVM (squared hinge, one-vs-rest, L-BFGS; C relative to the row norms)",
+              tune_param="clf__C", tune_grid=_C_GRID, converter="sklearn")
+register_head("svm-rbf", _svm_rbf, description="SVM with RBF kernel (SVC, one-vs-one)",
+              tune_param="clf__C", tune_grid=tuple(float(c) for c in np.logspace(-1, 3, 5)),
+              converter="sklearn")
+register_head("gaussian-nb", _gaussian_nb, description="Gaussian naive Bayes",
+              tune_param="clf__var_smoothing", tune_grid=tuple(float(v) for v in np.logspace(-11, -3, 5)),
+              converter="sklearn")
+register_head("multinomial-nb", _multinomial_nb, description="multinomial naive Bayes on min-max scaled features",
+              tune_param="clf__alpha", tune_grid=_NB_GRID, converter="sklearn")
+register_head("complement-nb", _complement_nb, description="complement naive Bayes on min-max scaled features",
+              tune_param="clf__alpha", tune_grid=_NB_GRID, converter="sklearn")
 
 
 def list_heads() -> list[str]:
@@ -106,7 +166,17 @@ def head_spec(name: str) -> HeadSpec:
         raise ConfigError(f"unknown head {name!r}{hint}; known heads: {', '.join(HEADS)}") from None
 
 
-def create_head(name: str, *, tune: bool = False, random_state: int = 0, tune_cv: int = 3,
+TUNE_CV = 3  # inner stratified folds of --tune
+# What a fitted ``--tune`` head holds besides the head itself: the search, its seeded split and
+# the accuracy scorer (part of the skops load allowlist).
+TUNE_TYPES = ("sklearn.model_selection._search.GridSearchCV",
+              "sklearn.model_selection._split.StratifiedKFold",
+              "sklearn.metrics._scorer._Scorer",
+              "sklearn.metrics._scorer._PassthroughScorer",
+              "sklearn.metrics._classification.accuracy_score")
+
+
+def create_head(name: str, *, tune: bool = False, random_state: int = 0, tune_cv: int = TUNE_CV,
                 n_jobs: int | None = None) -> BaseEstimator:
     """A fresh, unfitted head by registry name.
 
@@ -117,6 +187,9 @@ def create_head(name: str, *, tune: bool = False, random_state: int = 0, tune_cv
     pipe = spec.build(random_state)
     if not tune:
         return pipe
+    if not spec.tune_grid:
+        raise ConfigError(f"head {name!r} has no tuning grid (register it with tune_param and "
+                          "tune_grid); drop --tune")
     return GridSearchCV(pipe, {spec.tune_param: list(spec.tune_grid)},
                         cv=StratifiedKFold(tune_cv, shuffle=True, random_state=random_state),
                         scoring="accuracy", n_jobs=n_jobs, refit=True)

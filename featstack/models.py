@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib.abc
+import io
 import json
 import os
 import sys
@@ -33,11 +34,12 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .cache import Cache, open_cache
+from .cache import FEATURE_FINGERPRINT_FIELDS, Cache, feature_fingerprint_fields, open_cache  # noqa: F401
 from .atomic import atomic_paths
 from .errors import CacheError, CacheMismatchError, ConfigError, DataError, FeatstackError, read_format_json
-from .fusion import FUSIONS, build_model, check_fusion, proba_from_prediction, stack_method
-from .heads import head_spec
+from .fusion import (FUSION_SPECS, build_model, check_backbone_count, check_class_counts, first_non_finite,
+                     fusion_root_types, fusion_spec, proba_from_prediction, stack_method)
+from .heads import HEADS, TUNE_CV, TUNE_TYPES, head_spec, type_name
 
 MODEL_FORMAT = "featstack-model"
 MODEL_FORMAT_VERSION = 1
@@ -45,45 +47,37 @@ ESTIMATOR_FILE = "model.skops"
 META_FILE = "model.json"
 FEATURE_DTYPE = "float32"
 
-# Fields of a cache's backbone metadata that decide what its feature vectors mean. Unlike the
-# cache's own backbone fingerprint, this leaves out the dataset (a model trained on one cache is
-# meant to predict on others) and the storage dtype (float16 vs float32 storage of the same
-# extractor differs by rounding only).
-FEATURE_FINGERPRINT_FIELDS = ("key", "timm_name", "weights_sha256", "data_config", "preprocess", "decode", "dim")
-
-# Every type a saved head/fusion may contain. Loading refuses a file holding any other type,
-# before building a single object from it (skops resolves types by name; this list is the
-# whole of what we are prepared to instantiate).
-ALLOWED_TYPES: tuple[str, ...] = (
-    # our fusions
-    "featstack.fusion.VoteClassifier",
-    "featstack.fusion.StackClassifier",
-    # heads (featstack.heads) and the meta-learner
-    "sklearn.pipeline.Pipeline",
-    "sklearn.preprocessing._data.StandardScaler",
-    "sklearn.preprocessing._data.MinMaxScaler",
-    "sklearn.linear_model._logistic.LogisticRegression",
-    "sklearn.svm._classes.LinearSVC",
-    "featstack.solvers.LbfgsLinearSVC",
-    "sklearn.svm._classes.SVC",
-    "sklearn.naive_bayes.GaussianNB",
-    "sklearn.naive_bayes.MultinomialNB",
-    "sklearn.naive_bayes.ComplementNB",
-    # --tune: grid search with a seeded stratified split and the accuracy scorer
-    "sklearn.model_selection._search.GridSearchCV",
-    "sklearn.model_selection._split.StratifiedKFold",
-    "sklearn.metrics._scorer._Scorer",
-    "sklearn.metrics._scorer._PassthroughScorer",
-    "sklearn.metrics._classification.accuracy_score",
-    # containers and arrays
+# Containers and arrays any saved head or fusion is made of. The skops load allowlist is these,
+# --tune's types, and every registered head's and fusion's ``allowed_types`` (see allowed_types()):
+# loading refuses a file holding any other type before building a single object from it (skops
+# resolves types by name; the list is the whole of what we are prepared to instantiate).
+BASE_TYPES: tuple[str, ...] = (
     "builtins.dict", "builtins.list", "builtins.tuple", "builtins.str", "builtins.int",
     "builtins.float", "builtins.bool", "builtins.NoneType", "builtins.slice",
     "numpy.ndarray", "numpy.ma.MaskedArray", "numpy.dtype",
     "numpy.float64", "numpy.float32", "numpy.float16", "numpy.int64", "numpy.int32",
     "numpy.int8", "numpy.uint8", "numpy.bool", "numpy.bool_",
 )
-_ESTIMATOR_ROOTS = ("featstack.fusion.VoteClassifier", "featstack.fusion.StackClassifier",
-                    "sklearn.pipeline.Pipeline", "sklearn.model_selection._search.GridSearchCV")
+
+
+def allowed_types() -> tuple[str, ...]:
+    """Every type a saved model may contain, derived from the head and fusion registries."""
+    types = set(BASE_TYPES) | set(TUNE_TYPES)
+    for spec in (*HEADS.values(), *FUSION_SPECS.values()):
+        types.update(spec.allowed_types)
+    return tuple(sorted(types))
+
+
+def estimator_roots() -> set[str]:
+    """Types a saved model's top-level object may have: each registered head's estimator, a
+    --tune search around one, and each registered fusion's estimator."""
+    return {TUNE_TYPES[0]} | {type_name(spec.build(0)) for spec in HEADS.values()} | set(fusion_root_types())
+
+
+def __getattr__(name: str):
+    if name == "ALLOWED_TYPES":  # kept for callers of the former constant; always current
+        return allowed_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ModelError(FeatstackError):
@@ -129,7 +123,7 @@ def _skops_io():
 def feature_fingerprint(info: dict) -> str:
     """sha256 of what makes a backbone's feature vectors comparable across caches (weights,
     preprocessing, width), leaving out the dataset and the storage dtype."""
-    payload = json.dumps({f: info.get(f) for f in FEATURE_FINGERPRINT_FIELDS}, sort_keys=True,
+    payload = json.dumps(feature_fingerprint_fields(info), sort_keys=True,
                          separators=(",", ":"), default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -211,7 +205,7 @@ class SavedModel:
         cache = self.check_cache(cache)
         idx = _row_indices(cache, rows)
         X = cache.features(self.backbones, rows=idx, dtype=np.dtype(self.meta.get("dtype", FEATURE_DTYPE)))
-        _check_finite(cache, X, idx, self.backbones, self.dims)
+        check_finite_features(cache, X, idx, self.backbones, self.dims)
         return X, idx
 
     def scores(self, cache: Cache | str | os.PathLike, rows=None) -> np.ndarray:
@@ -260,52 +254,56 @@ def _row_indices(cache: Cache, rows) -> np.ndarray:
     return rows.astype(np.int64).reshape(-1)
 
 
-def _check_finite(cache: Cache, X: np.ndarray, idx: np.ndarray, backbones: Sequence[str],
-                  dims: Sequence[int]) -> None:
+def check_finite_features(cache: Cache, X: np.ndarray, idx: np.ndarray, backbones: Sequence[str],
+                          dims: Sequence[int]) -> None:
+    """The finite-value rule (:func:`featstack.fusion.first_non_finite`) on features read from a
+    cache: a DataError naming the sample, row and backbone of the first NaN or infinity."""
     start = 0
     for key, d in zip(backbones, dims):
-        block = X[:, start:start + d]
+        bad = first_non_finite(X[:, start:start + d])
         start += d
-        bad = ~np.isfinite(block).all(axis=1)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            row = int(idx[i])
+        if bad is not None:
+            row = int(idx[bad[0]])
             reason = ("its input failed to decode" if row in set(cache.error_rows.tolist())
-                      else "the cache holds NaN or infinity there")
+                      else "the cache holds NaN or infinity there; re-extract that backbone")
             raise DataError(f"sample {cache.ids[row]!r} (row {row}) has non-finite features for "
-                            f"backbone {key!r} in {cache.path} ({reason}); {int(bad.sum())} such "
+                            f"backbone {key!r} in {cache.path} ({reason}); {bad[2]} such "
                             "row(s) in this selection")
 
 
 def train_rows(cache: Cache) -> np.ndarray:
     """Rows a model is fitted on: split "train", labelled, and decoded without error."""
-    return np.flatnonzero(cache.split_mask("train") & (cache.labels >= 0) & cache.valid)
+    return cache.rows("train")
+
+
+def require_training_rows(cache: Cache, rows: np.ndarray) -> None:
+    """A DataError when a cache has no row to fit on."""
+    if len(rows) == 0:
+        raise DataError(f"{cache.path} has no labelled training rows (split 'train', label set, "
+                        "decoded without error)")
 
 
 def labelled_rows(cache: Cache, split: str) -> np.ndarray:
     """Labelled, decoded rows of one split (for scoring)."""
-    return np.flatnonzero(cache.split_mask(split) & (cache.labels >= 0) & cache.valid)
+    return cache.rows(split)
 
 
-def _check_classes(cache: Cache, y: np.ndarray, head: str, fusion: str, cv: int, tune: bool) -> None:
-    present, counts = np.unique(y, return_counts=True)
-    names = [cache.classes[i] for i in present]
-    if len(present) < 2:
-        raise DataError(f"the training split of {cache.path} has only one class "
-                        f"({names[0]!r}, {int(counts[0])} rows); a classifier needs at least 2 classes")
+def inner_folds(cv: int, needs_oof: bool, tune: bool) -> tuple[int, str]:
+    """(rows each class needs in a training set, what needs them): the stacking folds of a
+    fusion that needs out-of-fold scores, and the inner folds of --tune."""
     need, why = 0, ""
-    if fusion == "stack":
+    if needs_oof:
         need, why = cv, f"the cv={cv} stacking folds"
-    if tune:
-        from .heads import create_head
-        inner = create_head(head, tune=True).cv.get_n_splits()
-        if inner > need:
-            need, why = inner, f"the {inner} inner folds of --tune"
-    few = [(n, int(c)) for n, c in zip(names, counts) if c < need]
-    if few:
-        detail = ", ".join(f"class {n!r} has {c}" for n, c in few[:5])
-        raise DataError(f"training split of {cache.path}: {detail} row(s), fewer than {why}; "
-                        "lower --cv, drop --tune or add samples")
+    if tune and TUNE_CV > need:
+        need, why = TUNE_CV, f"the {TUNE_CV} inner folds of --tune"
+    return need, why
+
+
+def check_training_classes(cache: Cache, y: np.ndarray, need: int, why: str, hint: str) -> None:
+    """The class-count rule (:func:`featstack.fusion.check_class_counts`) on a cache's training
+    rows: a DataError naming the cache and the classes by name."""
+    check_class_counts(y, need, why, names=cache.classes, subject=f"the training split of {cache.path}",
+                       unit="row(s)", hint=hint, error=DataError)
 
 
 def train_model(cache: Cache | str | os.PathLike, backbones: str | Sequence[str], head: str,
@@ -320,11 +318,9 @@ def train_model(cache: Cache | str | os.PathLike, backbones: str | Sequence[str]
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     keys = _parse_backbones(backbones)
-    check_fusion(fusion)
+    fusion_spec(fusion)
     head_spec(head)
-    if fusion == "single" and len(keys) != 1:
-        raise ConfigError(f"fusion 'single' takes exactly one backbone, got {len(keys)} "
-                          f"({', '.join(keys)}); use concat, vote or stack to combine them")
+    check_backbone_count(fusion, len(keys), keys)
     if not isinstance(cv, int) or cv < 2:
         raise ConfigError(f"--cv must be an integer >= 2, got {cv!r}")
     for k in keys:
@@ -333,13 +329,11 @@ def train_model(cache: Cache | str | os.PathLike, backbones: str | Sequence[str]
             raise CacheError(f"{cache.path}: backbone {k!r} is not in this cache (it has: {have})")
     dims = [cache.dim(k) for k in keys]
     rows = train_rows(cache)
-    if len(rows) == 0:
-        raise DataError(f"{cache.path} has no labelled training rows (split 'train', label set, "
-                        "decoded without error)")
+    require_training_rows(cache, rows)
     X = cache.features(keys, rows=rows, dtype=np.dtype(FEATURE_DTYPE))
-    _check_finite(cache, X, rows, keys, dims)
+    check_finite_features(cache, X, rows, keys, dims)
     y = cache.labels[rows]
-    _check_classes(cache, y, head, fusion, cv, tune)
+    check_training_classes(cache, y, *inner_folds(cv, fusion_spec(fusion).needs_oof, tune), hint="lower --cv, drop --tune or add samples")
 
     est = build_model(head, fusion, dims, cv=cv, random_state=random_state, tune=tune, n_jobs=n_jobs)
     if progress:  # one sklearn fit: no natural progress bar, so say what is running and on what
@@ -403,6 +397,12 @@ def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
     if path.is_dir() and any(path.iterdir()) and not (path / META_FILE).exists():
         raise ConfigError(f"{path}: folder is not empty and holds no {META_FILE}; "
                           "pick a new --out folder")
+    data = _skops_io().dumps(saved.estimator)
+    _, bad, _ = _types_of(data, path / ESTIMATOR_FILE)
+    if bad:  # load_model would refuse this file: say why now, naming the head
+        raise ModelError(f"{path / ESTIMATOR_FILE}: the fitted {saved.head} x {saved.fusion} model holds "
+                         f"type(s) outside the load allowlist ({', '.join(bad[:5])}); add them to the "
+                         f"head's spec (register_head(..., allowed_types=(...)))")
     path.mkdir(parents=True, exist_ok=True)
     meta = dict(saved.meta)
     meta.update(format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,
@@ -411,9 +411,8 @@ def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
                 fingerprints=dict(saved.fingerprints))
     if hasattr(saved.estimator, "classes_"):
         meta["labels"] = [int(c) for c in saved.estimator.classes_]
-    sio = _skops_io()
     with atomic_paths(path / ESTIMATOR_FILE, path / META_FILE) as (tmp_est, tmp_meta):
-        sio.dump(saved.estimator, tmp_est)
+        tmp_est.write_bytes(data)
         tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     saved.meta, saved.path = meta, path
     return path
@@ -430,28 +429,36 @@ def _schema_types(node, out: set) -> None:
             _schema_types(v, out)
 
 
-def check_model_file(file: str | os.PathLike) -> list[str]:
-    """Every type a model.skops file would build, refused (ModelError naming the file and the
-    type) if one is outside :data:`ALLOWED_TYPES`; returns the types skops itself distrusts,
-    which are then passed to ``skops.io.load`` as trusted."""
-    file = Path(file)
-    sio = _skops_io()
+def _types_of(data: bytes, file: Path) -> tuple[list[str], list[str], str]:
+    """(types skops distrusts, types outside :func:`allowed_types`, root type) of a skops file's
+    bytes, read from its schema without building anything."""
     try:
-        untrusted = list(sio.get_untrusted_types(file=file))
-        with zipfile.ZipFile(file) as z:
+        untrusted = list(_skops_io().get_untrusted_types(data=data))
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
             schema = json.loads(z.read("schema.json"))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
         raise ModelError(f"{file}: not a readable skops file ({e})") from e
     types: set = set()
     _schema_types(schema, types)
-    allowed = set(ALLOWED_TYPES)
-    bad = sorted((set(untrusted) | types) - allowed)
+    bad = sorted((set(untrusted) | types) - set(allowed_types()))
+    return untrusted, bad, f"{schema.get('__module__')}.{schema.get('__class__')}"
+
+
+def check_model_file(file: str | os.PathLike) -> list[str]:
+    """Every type a model.skops file would build, refused (ModelError naming the file and the
+    type) if one is outside :func:`allowed_types`; returns the types skops itself distrusts,
+    which are then passed to ``skops.io.load`` as trusted."""
+    file = Path(file)
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise ModelError(f"{file}: not a readable skops file ({e})") from e
+    untrusted, bad, root = _types_of(data, file)
     if bad:
         raise ModelError(f"{file}: refusing to load type {bad[0]!r}, which featstack models never "
                          f"contain ({len(bad)} such type(s): {', '.join(bad[:5])}); the file was "
                          "not written by featstack or has been tampered with")
-    root = f"{schema.get('__module__')}.{schema.get('__class__')}"
-    if root not in _ESTIMATOR_ROOTS:
+    if root not in estimator_roots():
         raise ModelError(f"{file}: holds a {root}, not a featstack head or fusion")
     return untrusted
 
@@ -466,15 +473,20 @@ def _read_meta(path: Path) -> dict:
     missing = [k for k in meta["backbones"] if k not in meta["fingerprints"]]
     if missing:
         raise ModelError(f"{mfile}: field 'fingerprints' lacks backbone {missing[0]!r}")
-    if meta["fusion"] not in FUSIONS:
-        raise ModelError(f"{mfile}: field 'fusion' is {meta['fusion']!r}, not one of {', '.join(FUSIONS)}")
+    if meta["fusion"] not in FUSION_SPECS:
+        raise ModelError(f"{mfile}: field 'fusion' is {meta['fusion']!r}, not one of "
+                         f"{', '.join(FUSION_SPECS)} (a fusion registered in another process must be "
+                         "registered again before loading)")
+    if meta["head"] not in HEADS:
+        raise ModelError(f"{mfile}: head {meta['head']!r} is not registered in this process; register it "
+                         "again (featstack.register_head) before loading the model")
     return meta
 
 
 def load_model(path: str | os.PathLike) -> SavedModel:
     """Load a model folder written by :func:`save_model` (never through pickle).
 
-    The skops file's types are checked against :data:`ALLOWED_TYPES` before anything is built.
+    The skops file's types are checked against :func:`allowed_types` before anything is built.
     """
     path = Path(path)
     if path.is_file() and path.name in (META_FILE, ESTIMATOR_FILE):

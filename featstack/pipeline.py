@@ -303,12 +303,16 @@ def _cached_backbone_valid(cache, spec, ex: ExtractConfig, dataset_fp: str) -> b
     from .checkpoints import sha256_file
     if spec.key not in cache.backbones or cache.dataset_fingerprint != dataset_fp:
         return False
+    from .cache import SETTING_FINGERPRINT_FIELDS
     meta = cache.backbone_info(spec.key)
     if spec.weights == "file" and meta.get("weights_file_sha256") != sha256_file(spec.weights_file):
         return False
     cached = meta.get("spec")
+    # every fingerprint field an extraction setting decides, unless left to "auto" (decided
+    # by the machine extraction runs on)
+    settings = [f for f in SETTING_FINGERPRINT_FIELDS if getattr(ex, f, "auto") != "auto"]
     return (isinstance(cached, dict) and BackboneSpec.from_dict(cached).as_dict() == spec.as_dict()
-            and meta.get("preprocess") == ex.preprocess and meta.get("dtype") == ex.dtype)
+            and all(meta.get(f) == getattr(ex, f) for f in settings))
 
 
 def _inputs_changed(cache_path, source) -> bool:
@@ -399,7 +403,11 @@ def _choose_model(p: Pipeline, rows: list[dict] | None) -> tuple[list[str], str,
         raise p.error("train.model", "the bench produced no results to choose from")
     if metric not in rows[0]:
         raise p.error("train.metric", f"{metric!r} is not a bench column ({', '.join(rows[0])})")
-    best = max(rows, key=lambda r: (float(r[metric]), -int(r.get("size", 1))))
+    from .bench import best_row
+    try:
+        best = best_row(rows, metric)
+    except FeatstackError as e:
+        raise p.error("train.metric", str(e)) from None
     return str(best["backbones"]).split("+"), str(best["head"]), str(best["fusion"])
 
 

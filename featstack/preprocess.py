@@ -49,11 +49,17 @@ def decode_resolution(data_configs: Sequence[dict]) -> int:
     return max(math.ceil(max(_hw(c)) / float(c.get("crop_pct") or 1.0)) for c in data_configs)
 
 
+def square_box(h: int, w: int) -> tuple[int, int, int]:
+    """(top, left, side) of the centre square of an h x w image: the one crop rule of the squares
+    extraction decodes (:func:`center_square`) and the network takes (:func:`decode_to_square`)."""
+    s = min(h, w)
+    return (h - s) // 2, (w - s) // 2, s
+
+
 def center_square(img: np.ndarray, side: int) -> np.ndarray:
     """Centre square of an HxWx3 uint8 image, resized (antialiased, bicubic) to side x side."""
     h, w = img.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
+    top, left, s = square_box(h, w)
     pil = Image.fromarray(img).crop((left, top, left + s, top + s))
     if s != side:
         pil = pil.resize((side, side), Image.BICUBIC)
@@ -90,6 +96,56 @@ def decode_square(src: "str | os.PathLike | bytes", side: int, name: str | None 
         raise ImageDecodeError(f"file not found: {name}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot decode {name}: {e}") from e
+
+
+def decode_to_square(images: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, 3, H, W) images → (N, 3, side, side) float in [0, 255], as extraction decodes them.
+
+    uint8 input is taken as pixels; floating input as [0, 1] (torchvision's convention) and
+    scaled by 255. The centre square (:func:`square_box`, as :func:`center_square` crops)
+    is resized antialiased bicubic and rounded to whole pixel values, as the uint8 squares of
+    extraction are; images already ``side`` x ``side`` pass through untouched, so feeding the
+    squares extraction decodes reproduces the cached features exactly.
+    """
+    from .errors import ConfigError
+
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ConfigError(f"images must be (N, 3, H, W); got {tuple(images.shape)}")
+    is_uint8 = images.dtype == torch.uint8
+    if not is_uint8 and not images.is_floating_point():
+        raise ConfigError(f"images must be uint8 or floating point; got {images.dtype}")
+    h, w = images.shape[-2:]
+    if (h, w) == (side, side):
+        return images.float() if is_uint8 else images.float() * 255.0
+    top, left, s = square_box(h, w)
+    sq = images[..., top:top + s, left:left + s]
+    if is_uint8 and sq.device.type == "cpu":
+        # torchvision's uint8 antialiased bicubic follows Pillow's (what extraction uses) closely
+        import torchvision.transforms.v2.functional as TF
+        out = TF.resize(sq.contiguous(), [side, side], interpolation=TF.InterpolationMode.BICUBIC,
+                        antialias=True)
+        return out.float()
+    x = sq.float() if is_uint8 else sq.float() * 255.0
+    x = F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp(0.0, 255.0).round()
+
+
+def decode_squares(source, rows: Sequence[int], side: int) -> torch.Tensor:
+    """(N, 3, side, side) uint8 squares of ``rows`` of a data source, decoded exactly as
+    extraction decodes them (image files straight to their square; arrays via centre_square)."""
+    from .data import FileSource
+
+    out = []
+    for r in rows:
+        r = int(r)
+        if isinstance(source, FileSource):
+            sq = decode_square(source.paths[r], side)
+        else:
+            sq = center_square(source.load(r), side)
+        out.append(torch.from_numpy(np.ascontiguousarray(sq.transpose(2, 0, 1))))
+    if not out:
+        return torch.zeros((0, 3, side, side), dtype=torch.uint8)
+    return torch.stack(out)
 
 
 def is_plain_jpeg(data: bytes) -> bool:

@@ -30,18 +30,18 @@ def _fmt(v: Any) -> str:
 
 
 def _ranked(rows: list[dict] | None, metric: str = "cv_accuracy_mean") -> list[dict]:
-    return sorted(rows or [], key=lambda r: -float(r.get(metric) or 0.0))
+    from .bench import rank_rows  # the one ranking rule
+    return rank_rows(rows or [], metric)
 
 
 def _test_predictions(model_dir: str, cache) -> tuple[np.ndarray, np.ndarray] | None:
     """True and predicted labels of the saved model on the cache's labelled test rows."""
     from .models import load_model
 
-    mask = (cache.splits == "test") & (cache.labels >= 0) & cache.valid
-    if not mask.any():
+    rows = cache.rows("test")
+    if not len(rows):
         return None
     saved = load_model(model_dir)
-    rows = np.flatnonzero(mask)
     return cache.labels[rows], np.asarray(saved.predict(cache, rows=rows))
 
 

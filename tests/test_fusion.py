@@ -17,7 +17,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from featstack.errors import ConfigError
 from featstack.fusion import (FUSIONS, StackClassifier, VoteClassifier, block_proba, block_scores,
                               build_model, check_fusion, softmax)
-from featstack.heads import create_head
+from featstack.heads import create_head, list_heads
 
 DIMS = (5, 4, 3)
 
@@ -46,10 +46,9 @@ def _sklearn_stack(head: str, dims, cv: int, rs: int) -> StackingClassifier:
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])  # cached features are float32
 @pytest.mark.parametrize("n_classes", [2, 3])
-@pytest.mark.parametrize("head,method", [("logreg", "predict_proba"), ("gaussian-nb", "predict_proba"),
-                                         ("linear-svm", "decision_function"),
-                                         ("svm-rbf", "decision_function")])
-def test_stack_equals_sklearn_stacking(head, method, n_classes, dtype):
+@pytest.mark.parametrize("head", list_heads())
+def test_stack_equals_sklearn_stacking(head, n_classes, dtype):
+    method = "predict_proba" if hasattr(create_head(head), "predict_proba") else "decision_function"
     X, y = _blocks_data(n_classes)
     X = X.astype(dtype)
     Xtr, ytr, Xte = X[:110], y[:110], X[110:]

@@ -12,7 +12,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from featstack.errors import ConfigError, FeatstackError
 from featstack.heads import HEADS, create_head, head_spec, list_heads, unwrap_head
 
-ALL = ["logreg", "linear-svm", "svm-rbf", "gaussian-nb", "multinomial-nb", "complement-nb"]
+DOCUMENTED = ["logreg", "linear-svm", "svm-rbf", "gaussian-nb", "multinomial-nb", "complement-nb"]
 
 
 def _data(n=240, n_classes=3, seed=0, shift=0.0):
@@ -22,8 +22,8 @@ def _data(n=240, n_classes=3, seed=0, shift=0.0):
 
 
 def test_registry_lists_the_documented_heads():
-    assert list_heads() == ALL
-    for name in ALL:
+    assert list_heads() == DOCUMENTED
+    for name in DOCUMENTED:
         spec = head_spec(name)
         assert spec.name == name and spec.tune_grid and spec.description
         # the tuned parameter exists on the pipeline it tunes
@@ -37,7 +37,7 @@ def test_unknown_head_is_one_config_error_with_a_suggestion():
         head_spec("xgboost")
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", list_heads())
 def test_every_head_learns_and_is_self_contained(name):
     """Each head carries its own scaling: it learns shifted, signed features far above chance."""
     X, y = _data(shift=-5.0)  # all-negative inputs: the NB heads must cope via their min-max step
@@ -70,7 +70,8 @@ def test_tune_searches_the_grid_on_the_rows_it_is_given():
     assert best.named_steps["clf"].C == head.best_params_["clf__C"]
     # the refit pipeline saw exactly the rows passed to fit
     assert best.named_steps["scale"].n_samples_seen_ == len(X)
-    assert unwrap_head(create_head("logreg")) is not None
+    plain = create_head("logreg")
+    assert unwrap_head(plain) is plain  # an untuned head is its own pipeline
 
 
 # Pipeline stores its steps as parameters and fits them in place: scikit-learn's own test
@@ -84,7 +85,7 @@ _PIPELINE_XFAIL = {
 }
 
 
-@parametrize_with_checks([create_head(name) for name in ALL],
+@parametrize_with_checks([create_head(name) for name in list_heads()],
                          expected_failed_checks=lambda est: _PIPELINE_XFAIL)
 def test_head_pipelines_pass_sklearn_estimator_checks(estimator, check):
     check(estimator)
