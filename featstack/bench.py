@@ -613,12 +613,12 @@ def _cell(v: Any, digits: int = 4) -> str:
 
 def _init_cell(r: dict) -> str:
     rnd = r.get("random_init")
-    return f"RANDOM INIT: {rnd}" if rnd else "pretrained" if "random_init" in r else ""
+    return f"RANDOM INIT: {rnd}" if rnd else ""
 
 
 def format_table(rows: Sequence[dict], top: int = 20) -> str:
     """Fixed-width ranked table of the first ``top`` rows (mean ± std over folds)."""
-    head = ["#", "backbones", "head", "fusion", "cv acc", "cv f1", "test acc", "fit s", "weights"]
+    head = ["#", "backbones", "head", "fusion", "cv acc", "cv f1", "test acc", "fit s", "random init"]
     body = []
     for r in list(rows)[:top]:
         body.append([str(r["rank"]), r["backbones"], r["head"], r["fusion"],
@@ -645,7 +645,7 @@ def _markdown(result: BenchResult, cache: Cache) -> str:
              f"{result.n_base_fits} base fits (shared by all subsets), {result.n_concat_fits} concat "
              f"fits, {result.n_meta_fits} meta-learner fits, {result.seconds:.1f} s.", "",
              "| rank | backbones | head | fusion | cv accuracy | cv macro-F1 | test accuracy | "
-             "test macro-F1 | fit s | weights |",
+             "test macro-F1 | fit s | random init |",
              "|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in result.rows:
         lines.append(

@@ -53,8 +53,10 @@ def _print_top(results: Path, n: int) -> None:
         rows = list(csv.DictReader(fh))[:n]
     if not rows:
         return
-    print(f"{'rank':>4}  {'backbones':<32} {'head':<14} {'fusion':<7} {'cv acc':>14} {'test acc':>8}")
+    print(f"{'rank':>4}  {'backbones':<32} {'head':<14} {'fusion':<7} {'cv acc':>14} {'test acc':>8}  random init")
     for r in rows:
         cv = f"{float(r['cv_accuracy_mean']):.4f}±{float(r['cv_accuracy_std']):.4f}"
         test = f"{float(r['test_accuracy']):.4f}" if r.get("test_accuracy") not in (None, "", "nan") else "-"
-        print(f"{r.get('rank', ''):>4}  {r['backbones']:<32} {r['head']:<14} {r['fusion']:<7} {cv:>14} {test:>8}")
+        init = f"RANDOM INIT: {r['random_init']}" if r.get("random_init") else ""
+        print(f"{r.get('rank', ''):>4}  {r['backbones']:<32} {r['head']:<14} {r['fusion']:<7} {cv:>14} {test:>8}  "
+              f"{init}".rstrip())
