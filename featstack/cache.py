@@ -72,8 +72,9 @@ FINGERPRINT_FIELDS = (
     "dataset_fingerprint",
 )
 # Counted in the fingerprint when present (extracted backbones record them; array caches do not).
-# "source" (a model family other than timm) and "layer" (an intermediate layer) likewise.
-OPTIONAL_FINGERPRINT_FIELDS = ("decode", "source", "layer")
+# "source" (a model family other than timm) and "layer" (an intermediate layer) likewise;
+# "preprocess_version" for the fast path (featstack.preprocess.PREPROCESS_VERSION).
+OPTIONAL_FINGERPRINT_FIELDS = ("decode", "source", "layer", "preprocess_version")
 # The fingerprint fields set by extraction settings rather than by the model and its weights.
 SETTING_FINGERPRINT_FIELDS = ("preprocess", "dtype", "decode")
 # What makes feature vectors comparable across caches (a saved model's fingerprint): the

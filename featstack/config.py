@@ -411,8 +411,9 @@ class ExtractConfig:
     threads: int | None = setting(None, "torch intra-op threads when extracting on a CPU", minimum=1,
                                   default_text="the cores left after the decode workers, or OMP_NUM_THREADS "
                                                "when set; torchrun sets 1")
-    preprocess: str = setting("fast", "fast = decode once, resize on the device; reference = timm's "
-                                      "create_transform", choices=PREPROCESS_MODES)
+    preprocess: str = setting("fast", "fast = decode once, timm's eval transform for every backbone from "
+                                      "that one decode; reference = timm's create_transform per backbone",
+                              choices=PREPROCESS_MODES)
     decode: str = setting("auto", "where JPEGs are decoded: gpu = batched nvjpeg on the CUDA device "
                                   "(torchvision.io.decode_jpeg), cpu = Pillow in the workers; auto = gpu when "
                                   "on CUDA with JPEG files, else cpu", choices=DECODE_MODES)

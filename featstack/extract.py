@@ -8,11 +8,12 @@ exactly the batches an uninterrupted run would have, and its features are identi
 
 Keeping the device busy:
 
-* DataLoader workers decode each image once to a uint8 centre square at the largest
-  resolution any backbone needs (JPEGs at a reduced DCT scale when they are much larger); with
-  ``decode="gpu"`` they only read file bytes and the main process decodes whole batches with
-  nvjpeg. Batches come from pinned memory and are copied to the device once, asynchronously;
-  each backbone's crop/resize/normalize is batched tensor ops on the device.
+* DataLoader workers decode each image once and resize/crop it for every backbone exactly as
+  timm's eval transform does, to uint8 (:mod:`featstack.preprocess`; JPEGs at a reduced DCT
+  scale only when they are much larger than every backbone needs); with ``decode="gpu"`` they
+  only read file bytes and the main process decodes whole batches with nvjpeg and resizes on
+  the device. Batches come from pinned memory and are copied to the device once,
+  asynchronously; each backbone's normalisation is a batched tensor op on the device.
 * Models run channels_last, under bf16 autocast on a GPU (fp32 selectable), optionally through
   ``torch.compile``. Embeddings are copied back asynchronously and read one batch later, so
   the host prepares batch i+1 while the device still computes batch i.
@@ -50,9 +51,9 @@ from .data import FileSource, ImageDecodeError, Source, decode_image, open_sourc
 from .device import autocast_context, resolve_device, resolve_precision  # noqa: F401 - re-exported
 from .distributed import all_sum, barrier, local_world_size
 from .errors import CacheMismatchError, ConfigError
-from .preprocess import (PREPROCESS_MODES, DevicePreprocessor, center_square, decode_resolution,
-                         decode_square, gpu_jpeg_decode_available, is_plain_jpeg, reference_transform,
-                         squares_from_jpeg_bytes)
+from .preprocess import (DEVICE_FILTERS, PREPROCESS_MODES, PREPROCESS_VERSION, Normalizer, decode_for,
+                         gpu_jpeg_decode_available, images_from_jpeg_bytes, is_plain_jpeg, recipes_for,
+                         reference_transform, render_all)
 
 
 class InputsChangedError(CacheMismatchError):
@@ -115,6 +116,23 @@ def resolve_decode(decode: str, device: torch.device, source: Source, preprocess
     return "gpu" if any(str(p).lower().endswith(_JPEG_SUFFIXES) for p in sample) else "cpu"
 
 
+def decode_for_backbones(decode: str, decode_on: str, recipes: dict, fallback: dict) -> str:
+    """Device decoding resizes on the device, which reproduces Pillow's bilinear, bicubic and
+    nearest filters only, and never runs timm's reference transform: with a backbone needing
+    anything else, ``auto`` decodes on the CPU and an explicit ``gpu`` is refused."""
+    if decode_on != "gpu":
+        return decode_on
+    why = [f"{k} is preprocessed by the reference path ({r})" for k, r in fallback.items()]
+    why += [f"{k} uses interpolation {r.interpolation!r}" for k, r in recipes.items()
+            if r.interpolation not in DEVICE_FILTERS]
+    if not why:
+        return "gpu"
+    if decode == "gpu":
+        raise ConfigError(f"--decode gpu: {why[0]} (the device resizes with "
+                          f"{', '.join(DEVICE_FILTERS)} only); use --decode cpu or auto")
+    return "cpu"
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -156,14 +174,14 @@ def resolve_parallelism(device: torch.device, workers: int | None, threads: int 
 
 # --------------------------------------------------------------------------- loading images
 class _RawBatch(NamedTuple):
-    """A batch for device decoding: JPEG bytes, plus squares the workers decoded themselves.
+    """A batch for device decoding: JPEG bytes, plus the inputs the workers made themselves.
 
     The files' bytes travel as ONE flat tensor with offsets: a worker shares each tensor it
     sends through its own file descriptor, and hundreds per batch would exhaust the limit."""
 
     n: int
-    squares: torch.Tensor | None  # (m, 3, R, R) uint8 for positions square_pos
-    square_pos: list
+    pixels: dict | None   # key -> (m, 3, h, w) uint8 for positions pixel_pos
+    pixel_pos: list
     jpeg_data: torch.Tensor | None  # concatenated file bytes, uint8
     jpeg_offsets: list              # len(jpeg_pos) + 1 offsets into jpeg_data
     jpeg_pos: list
@@ -174,17 +192,33 @@ class _RawBatch(NamedTuple):
         return [self.jpeg_data[o[i]:o[i + 1]] for i in range(len(self.jpeg_pos))]
 
     def pin_memory(self):  # called by the DataLoader's pin thread: pin the pixels, not the bytes
-        sq = self.squares.pin_memory() if self.squares is not None else None
-        return self._replace(squares=sq)
+        return self._replace(pixels=_pin(self.pixels))
+
+
+def _pin(pixels: dict | None) -> dict | None:
+    return None if pixels is None else {k: v.pin_memory() for k, v in pixels.items()}
+
+
+def _tensors(inputs: dict) -> dict:
+    """{key: HWC uint8 array or CHW float tensor} -> torch tensors the loader can share."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, np.ndarray):
+            if not v.flags.writeable or not v.flags.c_contiguous:  # Pillow's arrays are read-only
+                v = np.array(v, order="C")
+            v = torch.from_numpy(v)
+        out[k] = v
+    return out
 
 
 class _DecodeDataset(Dataset):
-    """Item = global row id. Decodes it once, for all backbones (fast: one uint8 square, or the
-    raw JPEG bytes for device decoding; reference: timm's transform per backbone). A bad image
-    becomes an error message, not an exception."""
+    """Item = global row id. Decodes it once, for all backbones: {key: timm's uint8 input (HWC)}
+    for backbones of the fast path (``recipes``), {key: normalised float tensor} for those of
+    the reference path (``ref_configs``), or the raw JPEG bytes for device decoding. A bad
+    image becomes an error message, not an exception."""
 
-    def __init__(self, source: Source, mode: str, side: int, ref_configs: dict, decode: str = "cpu"):
-        self.source, self.mode, self.side, self.decode = source, mode, side, decode
+    def __init__(self, source: Source, recipes: dict, ref_configs: dict, decode: str = "cpu"):
+        self.source, self.recipes, self.decode = source, recipes, decode
         self.ref_configs = ref_configs
         self.paths = source.paths if isinstance(source, FileSource) else None
         self._ref = None
@@ -192,18 +226,20 @@ class _DecodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _square(self, row: int, data: bytes | None):
-        """The row's uint8 square (or, for device decoding, its plain-JPEG bytes as a tensor);
-        ``data`` = the file's bytes, read once by :meth:`__getitem__`."""
-        if data is None:
-            sq = center_square(self.source.load(row), self.side)
-        elif self.decode == "gpu" and is_plain_jpeg(data):
+    def _inputs(self, row: int, data: bytes | None):
+        """The row's pixels for every backbone (or its plain-JPEG bytes for device decoding);
+        ``data`` = the file's bytes, read once by :meth:`__getitem__` (None: not a file)."""
+        if data is None or self.ref_configs:  # full decode: the reference path needs it
+            from PIL import Image
+
+            if self._ref is None:
+                self._ref = {k: reference_transform(c) for k, c in self.ref_configs.items()}
+            arr = self.source.load(row) if data is None else decode_image(self.paths[row], data=data)
+            img = Image.fromarray(arr)
+            return dict(render_all(img, self.recipes), **{k: t(img) for k, t in self._ref.items()})
+        if self.decode == "gpu" and is_plain_jpeg(data):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        else:
-            sq = decode_square(data, self.side, name=self.paths[row])
-        if not sq.flags.writeable or not sq.flags.c_contiguous:  # Pillow's arrays are read-only
-            sq = np.array(sq, order="C")
-        return torch.from_numpy(sq)  # (R, R, 3): see _Collate
+        return decode_for(data, self.recipes, name=self.paths[row])
 
     def __getitem__(self, row: int):
         """(row, payload, error message or None, input record (size, mtime_ns, hash) or None)."""
@@ -213,48 +249,48 @@ class _DecodeDataset(Dataset):
             data = None
             if self.paths is not None:  # one read: decoded, and hashed for change detection
                 data, inp = read_input(self.paths[row])
-            if self.mode == "fast":
-                return row, self._square(row, data), None, inp
-            img = self.source.load(row) if data is None else decode_image(self.paths[row], data=data)
+            inputs = self._inputs(row, data)
         except ImageDecodeError as e:
             return row, None, str(e), inp
         except Exception as e:  # noqa: BLE001 - one bad input never kills the run
             return row, None, f"{self.source.samples.ids[row]}: {type(e).__name__}: {e}", inp
-        from PIL import Image
-        if self._ref is None:
-            self._ref = {k: reference_transform(c) for k, c in self.ref_configs.items()}
-        pil = Image.fromarray(img)
-        return row, {k: t(pil) for k, t in self._ref.items()}, None, inp
+        return row, (inputs if isinstance(inputs, torch.Tensor) else _tensors(inputs)), None, inp
 
 
-def _placeholder(mode: str, side: int, ref_configs: dict):
-    if mode == "fast":
-        return torch.zeros((side, side, 3), dtype=torch.uint8)
-    return {k: torch.zeros(tuple(c["input_size"]), dtype=torch.float32) for k, c in ref_configs.items()}
+def _placeholder(recipes: dict, ref_configs: dict) -> dict:
+    out = {k: torch.zeros((*r.out, 3), dtype=torch.uint8) for k, r in recipes.items()}
+    out.update({k: torch.zeros(tuple(c["input_size"]), dtype=torch.float32) for k, c in ref_configs.items()})
+    return out
+
+
+def _stack(items: list, keys) -> dict:
+    """Per key: HWC uint8 images stacked and seen as NCHW (channels_last, no copy), or CHW
+    float tensors stacked."""
+    out = {}
+    for k in keys:
+        t = torch.stack([it[k] for it in items])
+        out[k] = t.permute(0, 3, 1, 2) if t.dtype == torch.uint8 else t
+    return out
 
 
 class _Collate:
-    def __init__(self, mode: str, side: int, ref_configs: dict, decode: str = "cpu"):
-        self.mode, self.side, self.ref_configs, self.decode = mode, side, ref_configs, decode
+    def __init__(self, recipes: dict, ref_configs: dict, decode: str = "cpu"):
+        self.recipes, self.ref_configs, self.decode = recipes, ref_configs, decode
+        self.keys = list(recipes) + list(ref_configs)
 
     def __call__(self, items):
         rows = np.asarray([it[0] for it in items], dtype=np.int64)
         errors = [(it[0], it[2]) for it in items if it[2] is not None]
         inputs = np.asarray([it[3] for it in items], dtype=np.int64) if items[0][3] is not None else None
-        return rows, self._payload(items), errors, inputs
-
-    def _payload(self, items):
-        pay = [it[1] if it[1] is not None else _placeholder(self.mode, self.side, self.ref_configs) for it in items]
-        if self.mode != "fast":
-            return {k: torch.stack([p[k] for p in pay]) for k in self.ref_configs}
-        if self.decode != "gpu":  # stacked HWC squares, seen as NCHW: channels_last, no copy
-            return torch.stack(pay).permute(0, 3, 1, 2)
-        sq_pos = [i for i, p in enumerate(pay) if p.ndim == 3]
-        jp_pos = [i for i, p in enumerate(pay) if p.ndim == 1]
-        squares = torch.stack([pay[i] for i in sq_pos]).permute(0, 3, 1, 2) if sq_pos else None
+        pay = [it[1] if it[1] is not None else _placeholder(self.recipes, self.ref_configs) for it in items]
+        if self.decode != "gpu":
+            return rows, _stack(pay, self.keys), errors, inputs
+        px_pos = [i for i, p in enumerate(pay) if isinstance(p, dict)]
+        jp_pos = [i for i, p in enumerate(pay) if not isinstance(p, dict)]
+        pixels = _stack([pay[i] for i in px_pos], self.keys) if px_pos else None
         data = torch.cat([pay[i] for i in jp_pos]) if jp_pos else None
         offsets = np.concatenate([[0], np.cumsum([len(pay[i]) for i in jp_pos])]).astype(int).tolist()
-        return _RawBatch(len(pay), squares, sq_pos, data, offsets, jp_pos)
+        return rows, _RawBatch(len(pay), pixels, px_pos, data, offsets, jp_pos), errors, inputs
 
 
 class _ShardBatchSampler(Sampler):
@@ -273,35 +309,40 @@ class _ShardBatchSampler(Sampler):
         return sum(-(-(stop - start) // self.batch_size) for start, stop in self.ranges)
 
 
-def _to_device_batch(batch, rows: np.ndarray, errors: list, dev: torch.device, side: int,
-                     source: Source) -> torch.Tensor:
-    """The batch's (B, 3, R, R) uint8 squares on the device (moved there once).
+def _to_device_batch(batch, rows: np.ndarray, errors: list, dev: torch.device, recipes: dict,
+                     source: Source) -> dict:
+    """The batch's per-backbone inputs on the device (moved there once): {key: (B, 3, h, w)}.
 
-    For a :class:`_RawBatch`, the JPEGs are decoded on the device in one call; a file the
-    device decoder rejects is decoded by Pillow here (or recorded in ``errors``)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dev, non_blocking=True)
-    out = torch.zeros((batch.n, 3, side, side), dtype=torch.uint8, device=dev).contiguous(
-        memory_format=torch.channels_last)
-    if batch.square_pos:
-        out[torch.as_tensor(batch.square_pos, device=dev)] = batch.squares.to(dev, non_blocking=True)
+    For a :class:`_RawBatch`, the JPEGs are decoded and resized on the device in one call; a
+    file the device decoder rejects is decoded by Pillow here (or recorded in ``errors``)."""
+    if isinstance(batch, dict):
+        return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+    out = {k: torch.zeros((batch.n, 3, *r.out), dtype=torch.uint8, device=dev).contiguous(
+        memory_format=torch.channels_last) for k, r in recipes.items()}
+    if batch.pixel_pos:
+        pos = torch.as_tensor(batch.pixel_pos, device=dev)
+        for k, v in batch.pixels.items():
+            out[k][pos] = v.to(dev, non_blocking=True)
     jpegs = batch.jpegs
-    if jpegs:
-        squares, failures = squares_from_jpeg_bytes(jpegs, side, dev)
-        ok = [i for i, s in enumerate(squares) if s is not None]
-        if ok:
-            pos = torch.as_tensor([batch.jpeg_pos[i] for i in ok], device=dev)
-            out[pos] = torch.stack([squares[i] for i in ok])
-        for i in failures:
-            j = batch.jpeg_pos[i]
-            row = int(rows[j])
-            name = source.paths[row] if isinstance(source, FileSource) else str(row)
-            try:
-                sq = decode_square(jpegs[i].numpy().tobytes(), side, name=name)
-            except ImageDecodeError as e:
-                errors.append((row, str(e)))
-                continue
-            out[j] = torch.from_numpy(np.array(sq, order="C")).permute(2, 0, 1).to(dev)
+    if not jpegs:
+        return out
+    inputs, failures = images_from_jpeg_bytes(jpegs, recipes, dev)
+    ok = [i for i, x in enumerate(inputs) if x is not None]
+    if ok:
+        pos = torch.as_tensor([batch.jpeg_pos[i] for i in ok], device=dev)
+        for k in out:
+            out[k][pos] = torch.stack([inputs[i][k] for i in ok])
+    for i in failures:
+        j = batch.jpeg_pos[i]
+        row = int(rows[j])
+        name = source.paths[row] if isinstance(source, FileSource) else str(row)
+        try:
+            one = decode_for(jpegs[i].numpy().tobytes(), recipes, name=name)
+        except ImageDecodeError as e:
+            errors.append((row, str(e)))
+            continue
+        for k, v in _tensors(one).items():
+            out[k][j] = v.permute(2, 0, 1).to(dev)
     return out
 
 
@@ -540,7 +581,7 @@ def extract(
     prec = resolve_precision(precision, dev)
     source = open_source(source) if isinstance(source, (str, os.PathLike)) else source
     decode_on = resolve_decode(decode, dev, source, preprocess)
-    workers, threads = resolve_parallelism(dev, workers, threads, decode_on)
+    workers_arg, threads_arg = workers, threads
 
     # 1. every backbone resolved and loaded before any image is read
     weights_files = dict(weights_files or {})
@@ -561,11 +602,19 @@ def extract(
     if len(set(keys)) != len(keys):
         raise ConfigError(f"backbone listed twice: {keys}")
     loaded: dict[str, LoadedBackbone] = {s.key: build_backbone(s, dev) for s in specs}
+    configs = {k: lb.data_config for k, lb in loaded.items()}
+    recipes, fallback = recipes_for(configs) if preprocess == "fast" else ({}, {k: "" for k in configs})
+    for key, why in fallback.items():
+        if why:
+            _say(f"note: {key}: the fast path does not reproduce {why}; it is preprocessed by timm's "
+                 f"reference transform")
+    decode_on = decode_for_backbones(decode, decode_on, recipes, {k: w for k, w in fallback.items() if w})
+    workers, threads = resolve_parallelism(dev, workers_arg, threads_arg, decode_on)
 
     # 2. the cache: same dataset, same fingerprints (or --overwrite), shards still missing
     writer = CacheWriter(cache_path, source.samples, lock=lock, wait=wait, follower=rank != 0, say=_say)
     try:
-        return _extract_locked(writer, source, loaded, keys, t0, preprocess=preprocess, dtype=dtype,
+        return _extract_locked(writer, source, loaded, recipes, keys, t0, preprocess=preprocess, dtype=dtype,
                                decode_on=decode_on, shard_rows=shard_rows, overwrite=overwrite,
                                repair=repair, refresh=refresh, rank=rank, world_size=world_size, dev=dev, prec=prec,
                                workers=workers, threads=threads, batch_size=batch_size,
@@ -604,7 +653,8 @@ def _check_inputs(writer: CacheWriter, keys: list, refresh: bool) -> None:
              f"removed; extract it again (--backbones {key}) to complete it")
 
 
-def _extract_locked(writer: CacheWriter, source: Source, loaded: dict, keys: list, t0: float, *, preprocess,
+def _extract_locked(writer: CacheWriter, source: Source, loaded: dict, recipes: dict, keys: list, t0: float, *,
+                    preprocess,
                     dtype, decode_on, shard_rows, overwrite, repair, refresh, rank, world_size, dev, prec, workers,
                     threads, batch_size, compression, progress, compile, channels_last,
                     finalize) -> ExtractResult:
@@ -622,7 +672,10 @@ def _extract_locked(writer: CacheWriter, source: Source, loaded: dict, keys: lis
     for key, lb in loaded.items():
         # decode (cpu/gpu) changes pixels slightly: part of the fingerprint, so a resume never
         # mixes shards decoded differently within one backbone's matrix
-        meta = dict(lb.metadata(), preprocess=preprocess, dtype=dtype, decode=decode_on)
+        meta = dict(lb.metadata(), preprocess="fast" if key in recipes else "reference", dtype=dtype,
+                    decode=decode_on)
+        if key in recipes:  # the fast path's pixels changed with its versions: never mix them
+            meta["preprocess_version"] = PREPROCESS_VERSION
         missing = writer.plan_backbone(meta, shard_rows=rows_per_shard, overwrite=overwrite, repair=repair)
         n_total_shards += -(-len(source) // rows_per_shard)
         for r in missing:
@@ -650,7 +703,7 @@ def _extract_locked(writer: CacheWriter, source: Source, loaded: dict, keys: lis
         if threads:  # an explicit setting holds on every device (host-side work runs on it)
             torch.set_num_threads(threads)
         try:
-            _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, workers,
+            _run(source, loaded, recipes, work, todo, writer, dev, prec, batch_size, workers,
                  compression, progress and rank == 0, result, who, decode_on, compile, channels_last)
         finally:
             torch.set_num_threads(old_threads)
@@ -675,25 +728,24 @@ class _Pending(NamedTuple):
     inputs: np.ndarray | None  # (B, 3) size, mtime_ns, content hash of the files read
 
 
-def _make_loader(source, work, preprocess, side, configs, decode_on, batch_size, workers, dev):
-    dataset = _DecodeDataset(source, preprocess, side, configs, decode_on)
+def _make_loader(source, work, recipes, ref_configs, decode_on, batch_size, workers, dev):
+    dataset = _DecodeDataset(source, recipes, ref_configs, decode_on)
     # In flight: about 8 batches ahead of the device, however many workers decode them.
     prefetch = max(2, -(-8 // workers)) if workers > 0 else None
     return DataLoader(
         dataset, batch_sampler=_ShardBatchSampler(work, batch_size), num_workers=workers,
-        collate_fn=_Collate(preprocess, side, configs, decode_on), pin_memory=dev.type == "cuda",
+        collate_fn=_Collate(recipes, ref_configs, decode_on), pin_memory=dev.type == "cuda",
         prefetch_factor=prefetch, persistent_workers=False)  # one pass: nothing to persist for
 
 
-def _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, workers,
+def _run(source, loaded, recipes, work, todo, writer, dev, prec, batch_size, workers,
          compression, progress, result, who, decode_on="cpu", compile=False, channels_last=True) -> None:
     from tqdm.auto import tqdm
 
-    configs = {k: lb.data_config for k, lb in loaded.items()}
-    side = decode_resolution(list(configs.values()))
-    loader = _make_loader(source, work, preprocess, side, configs, decode_on, batch_size, workers, dev)
+    ref_configs = {k: lb.data_config for k, lb in loaded.items() if k not in recipes}
+    loader = _make_loader(source, work, recipes, ref_configs, decode_on, batch_size, workers, dev)
     cuda = dev.type == "cuda"
-    prep = {k: DevicePreprocessor(c, dev, channels_last) for k, c in configs.items()}
+    norm = {k: Normalizer(loaded[k].data_config, dev, channels_last) for k in recipes}
     fwd = {k: _Forward(k, inference_model(lb, channels_last), compile, batch_size, channels_last)
            for k, lb in loaded.items()}
     result.compiled = bool(compile)
@@ -730,7 +782,7 @@ def _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, 
     try:
         for batch_rows, batch, errors, inputs in loader:
             shard = assembler.shard_of(int(batch_rows[0]))
-            x_dev = _to_device_batch(batch, batch_rows, errors, dev, side, source) if preprocess == "fast" else None
+            x_dev = _to_device_batch(batch, batch_rows, errors, dev, recipes, source)
             outs, timing = {}, {}
             for key in todo[shard]:
                 if cuda:
@@ -738,12 +790,10 @@ def _run(source, loaded, work, todo, writer, dev, prec, preprocess, batch_size, 
                     ev0.record()
                 else:
                     tf = time.perf_counter()
-                if preprocess == "fast":
-                    x = prep[key](x_dev)
+                if key in norm:
+                    x = norm[key](x_dev[key])
                 else:
-                    x = batch[key].to(dev, non_blocking=True)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    x = x_dev[key].contiguous(memory_format=torch.channels_last) if channels_last else x_dev[key]
                 with torch.inference_mode(), autocast_context(dev, prec):
                     out = fwd[key](x)
                 # Asynchronous copy back (into pinned memory on CUDA); read at retire time.

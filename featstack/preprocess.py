@@ -1,24 +1,36 @@
-"""Per-backbone preprocessing: decode once, then resize/crop/normalize per backbone on the device.
+"""Per-backbone preprocessing: decode each image once, then give every backbone exactly timm's
+eval transform of it.
 
-timm's eval transform is: resize the shorter side to ``size / crop_pct``, centre-crop ``size``,
-scale to [0, 1], normalize. Geometrically that takes the centre square of side
-``crop_pct * min(h, w)`` and resizes it to ``size``. So for K backbones we decode each image
-once, take its centre square and resize it (antialiased, on the CPU worker) to one common
-resolution R large enough for every backbone; then per backbone, on the device, in batches:
-centre-crop ``crop_pct * R``, resize (antialiased, the model's interpolation) to its input size,
-normalize with its mean/std. timm's own ``create_transform`` stays available as the reference
-path (``preprocess="reference"``); tests check the two agree.
+timm's eval transform (``transforms_imagenet_eval``) resizes the whole image (Pillow, the
+model's filter, antialiased) to a size that depends on ``crop_mode`` and
+``scale_size = floor(input_size / crop_pct)`` -- ``center``: shorter side to scale_size,
+``squash``: both sides to scale_size, ``border``: longer side to scale_size -- then centre-crops
+(or pads, with the mean colour for ``border``) to ``input_size``, scales to [0, 1] and
+normalises. The fast path computes the same pixels with less work and batches the rest:
 
-Decoding, the costly step, has two implementations:
-
-* CPU (DataLoader workers): Pillow, with JPEG DCT-domain downscaling (``Image.draft``) when the
-  file is much larger than R, so a 12-megapixel photo is decoded at 1/2, 1/4 or 1/8 scale
-  (never below R) instead of in full;
+* :class:`Recipe` turns a data config into that geometry as plain numbers; :meth:`Recipe.plan`
+  gives, for one image size, the source box whose resize *is* the crop, its output size and
+  where it lands in the (padded) input;
+* CPU: a DataLoader worker decodes the file once with Pillow (JPEG DCT-domain downscaling,
+  ``Image.draft``, only when the image is at least :data:`DRAFT_GAP` times larger than what every
+  backbone resizes it to), then per backbone calls ``Image.resize(size, filter, box=...)``:
+  Pillow computes only the crop's pixels, with the very coefficients of the full resize
+  (resize-then-crop and resize-with-box are the same sums), so the uint8 pixels equal timm's;
 * device (``--decode gpu``): workers only read the file bytes; the main process decodes a
-  whole batch of JPEGs at once with ``torchvision.io.decode_jpeg(list, device="cuda")``
-  (nvjpeg), then centre-squares and resizes each image on the device. Files that are not plain
-  baseline RGB/grayscale JPEGs without EXIF rotation (PNG, CMYK, rotated photos) are decoded by
-  Pillow in the worker instead, and so is any file nvjpeg rejects.
+  whole batch of JPEGs with ``torchvision.io.decode_jpeg(list, device="cuda")`` (nvjpeg) and
+  resizes each image per backbone with ``F.interpolate(antialias=True)``, which implements
+  Pillow's bilinear/bicubic antialiased filters (within one grey level), then crops/pads the
+  same boxes. Files that are not plain RGB/grayscale JPEGs without EXIF rotation go to Pillow
+  in the worker;
+* per backbone, on the device, in batches: uint8 -> float, normalise with its mean/std.
+
+A data config the fast path cannot reproduce (an unknown crop mode or filter) is preprocessed
+by timm's own ``create_transform`` (the reference path, ``preprocess="reference"``), with a
+printed note. Tests check the paths agree on real ImageNet weights.
+
+:func:`center_square`, :func:`decode_square`, :func:`decode_resolution` and
+:class:`DevicePreprocessor` are the square-input preprocessing of the exported network
+(``FeatstackNet`` takes one (N, 3, R, R) tensor for all its backbones).
 """
 from __future__ import annotations
 
@@ -26,6 +38,7 @@ import io
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -42,6 +55,255 @@ _TORCH_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "neares
 def _hw(cfg: dict) -> tuple[int, int]:
     size = cfg["input_size"]
     return int(size[-2]), int(size[-1])
+
+
+#: Version of the fast path's pixels, recorded in every backbone's fingerprint: bump it whenever
+#: a change alters what the fast path feeds a model, so old shards never mix with new ones.
+#: 1: centre square at a common resolution, cropped/resized on the device; 2: timm's transform.
+PREPROCESS_VERSION = 2
+CROP_MODES = ("center", "squash", "border")
+PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX,
+               "bilinear": Image.Resampling.BILINEAR, "hamming": Image.Resampling.HAMMING,
+               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+# F.interpolate modes that compute Pillow's filter (antialiased): the device-decode path
+# supports these; for the others the files are decoded and resized by Pillow on the CPU.
+DEVICE_FILTERS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
+#: A JPEG is decoded at 1/2, 1/4 or 1/8 scale (DCT domain, ``Image.draft``) only when the reduced
+#: image is still at least this many times larger, on each side, than every backbone resizes it
+#: to. Measured on the real MobileNetV2 / EfficientNet-Lite0 weights against a full decode, over
+#: photos 3-6x larger than needed: gap 1 (the earlier rule) raw cosine down to 0.992, gap 2
+#: down to 0.996 (a grainy photo; 0.9995 on real photos), gap 3 >= 0.9998, top-1 identical
+#: from gap 1.5 on. CPU cost per 12-megapixel JPEG (3 backbones): gap 1 30 ms, 2 47 ms, 3 65 ms
+#: (README, "Preprocessing"). 2 keeps every image well inside the 0.99 agreement target.
+DRAFT_GAP = 2.0
+
+
+class UnsupportedPreprocessing(ValueError):
+    """A data config whose eval transform the fast path does not reproduce."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One image's path to one backbone's input: resize ``box`` (source pixels, floats) to
+    ``size`` (w, h) -- the part of timm's resized image that survives its crop -- and place it
+    at ``offset`` (top, left) of the ``out`` (h, w) input, the rest filled with ``fill``."""
+
+    box: tuple[float, float, float, float]
+    size: tuple[int, int]
+    offset: tuple[int, int]
+    resized: tuple[int, int]  # (h, w) of timm's whole resized image
+    start: tuple[int, int]    # (top, left) of the crop in it
+    out: tuple[int, int]
+    fill: tuple[int, int, int]
+
+    @property
+    def padded(self) -> bool:
+        return (self.size[1], self.size[0]) != self.out
+
+
+def _crop_axis(length: int, out: int) -> tuple[int, int, int]:
+    """(start, count, pad_before) of timm/torchvision's centre crop-or-pad along one axis."""
+    if out >= length:
+        return 0, length, (out - length) // 2
+    return int(round((length - out) / 2.0)), out, 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A backbone's eval transform (timm ``transforms_imagenet_eval``) as plain numbers."""
+
+    out: tuple[int, int]      # input size (h, w)
+    scale: tuple[int, int]    # scale_size (h, w) = floor(out / crop_pct)
+    crop_mode: str
+    interpolation: str
+    fill: tuple[int, int, int]
+
+    @classmethod
+    def from_config(cls, data_config: dict) -> "Recipe":
+        """Raises :class:`UnsupportedPreprocessing` naming what the fast path cannot do."""
+        mode = data_config.get("crop_mode") or "center"
+        interp = str(data_config.get("interpolation") or "bilinear")
+        if mode not in CROP_MODES:
+            raise UnsupportedPreprocessing(f"crop_mode {mode!r} (the fast path knows {', '.join(CROP_MODES)})")
+        if interp not in PIL_FILTERS:
+            raise UnsupportedPreprocessing(f"interpolation {interp!r} (the fast path knows {', '.join(PIL_FILTERS)})")
+        out = _hw(data_config)
+        pct = float(data_config.get("crop_pct") or 0.875)  # timm's DEFAULT_CROP_PCT
+        scale = (math.floor(out[0] / pct), math.floor(out[1] / pct))
+        fill = tuple(round(255 * float(v)) for v in data_config["mean"]) if mode == "border" else (0, 0, 0)
+        return cls(out, scale, mode, interp, fill)
+
+    def resized(self, h: int, w: int) -> tuple[int, int]:
+        """(h, w) timm resizes an h x w image to, before its crop (torchvision's rounding)."""
+        sh, sw = self.scale
+        if self.crop_mode == "squash":
+            return sh, sw
+        if self.crop_mode == "center" and sh == sw:  # transforms.Resize(int): the shorter side
+            if w <= h:
+                return int(sh * h / w), sh
+            return sh, int(sh * w / h)
+        rh, rw = h / sh, w / sw  # timm ResizeKeepRatio (longest=1 for border, 0 for center)
+        ratio = max(rh, rw) if self.crop_mode == "border" else min(rh, rw)
+        return round(h / ratio), round(w / ratio)
+
+    def plan(self, h: int, w: int) -> Plan:
+        """Where the pixels of an h x w image go (see :class:`Plan`)."""
+        rh, rw = self.resized(h, w)
+        y0, ny, pt = _crop_axis(rh, self.out[0])
+        x0, nx, pl = _crop_axis(rw, self.out[1])
+        box = (w * x0 / rw, h * y0 / rh, w * (x0 + nx) / rw, h * (y0 + ny) / rh)
+        return Plan(box, (nx, ny), (pt, pl), (rh, rw), (y0, x0), self.out, self.fill)
+
+
+def recipes_for(data_configs: dict) -> tuple[dict, dict]:
+    """Split backbones into ({key: Recipe} the fast path reproduces, {key: reason} it does not)."""
+    recipes, unsupported = {}, {}
+    for key, cfg in data_configs.items():
+        try:
+            recipes[key] = Recipe.from_config(cfg)
+        except UnsupportedPreprocessing as e:
+            unsupported[key] = str(e)
+    return recipes, unsupported
+
+
+# How far (in source pixels, times the reduction factor) each Pillow filter reaches.
+_SUPPORT = {"nearest": 0.5, "box": 0.5, "bilinear": 1.0, "hamming": 1.0, "bicubic": 2.0, "lanczos": 3.0}
+
+
+# Kernels with a jump (a pixel is in or out): a box offset moves sample positions by float
+# rounding and flips ties, so these resize the whole image and crop, as timm does.
+_STEP_FILTERS = ("nearest", "box")
+
+
+def _resize_then_crop(img: Image.Image, size: tuple[int, int], filt, box: tuple) -> Image.Image:
+    (nx, ny), (x0, y0, x1, y1), (w, h) = size, box, img.size
+    rw, rh = round(nx * w / (x1 - x0)), round(ny * h / (y1 - y0))
+    left, top = round(x0 * rw / w), round(y0 * rh / h)
+    return img.resize((rw, rh), filt).crop((left, top, left + nx, top + ny))
+
+
+def _resize_box(img: Image.Image, size: tuple[int, int], interpolation: str,
+                box: tuple[float, float, float, float]) -> Image.Image:
+    """Pillow's resize of ``box`` to ``size``, with the passes in the order of a full resize.
+
+    A full ``Image.resize`` runs the horizontal pass, rounds to uint8, then the vertical one;
+    a single call with a box may run them the other way round (Pillow 13 does when it enlarges),
+    which moves pixels by up to 8 grey levels. So: the rows the vertical filter reaches, the
+    horizontal pass on them, then the vertical pass -- each a one-axis resize."""
+    filt = PIL_FILTERS[interpolation]
+    (nx, ny), (x0, y0, x1, y1), (w, h) = size, box, img.size
+    if interpolation in _STEP_FILTERS:
+        return _resize_then_crop(img, size, filt, box)
+    reach = _SUPPORT[interpolation] * max((y1 - y0) / ny, 1.0) + 2.0
+    r0, r1 = max(0, math.floor(y0 - reach)), min(h, math.ceil(y1 + reach))
+    out = img.crop((0, r0, w, r1)) if (r0, r1) != (0, h) else img
+    if (x0, x1, nx) != (0, w, w):
+        out = out.resize((nx, r1 - r0), filt, box=(x0, 0, x1, r1 - r0))
+    if (y0 - r0, y1 - r0, ny) != (0, r1 - r0, r1 - r0):
+        out = out.resize((nx, ny), filt, box=(0, y0 - r0, nx, y1 - r0))
+    return out
+
+
+def render(img: Image.Image, plan: Plan, interpolation: str, scale: float = 1.0) -> np.ndarray:
+    """timm's resized-and-cropped pixels of an RGB Pillow image, (h, w, 3) uint8.
+
+    ``scale``: how much smaller ``img`` is than the image ``plan`` was made for (a JPEG decoded
+    at reduced scale); the box is mapped onto it."""
+    box = tuple(b / scale for b in plan.box)
+    part = np.asarray(_resize_box(img, plan.size, interpolation, box))
+    if not plan.padded:
+        return part
+    out = np.empty((*plan.out, 3), dtype=np.uint8)
+    out[...] = np.asarray(plan.fill, dtype=np.uint8)
+    (t, left), (w, h) = plan.offset, plan.size
+    out[t:t + h, left:left + w] = part
+    return out
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    from .data import to_rgb_array
+
+    return img if img.mode == "RGB" else Image.fromarray(to_rgb_array(img))
+
+
+def render_all(img: Image.Image, recipes: dict, scale: float = 1.0, size: tuple | None = None) -> dict:
+    """{key: (h, w, 3) uint8} for every recipe, from one decoded image.
+
+    ``size``: the (w, h) the plans are made for, when ``img`` is a reduced decode of it."""
+    img = _rgb(img)
+    w, h = size or img.size
+    return {k: render(img, r.plan(h, w), r.interpolation, scale) for k, r in recipes.items()}
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(w, h) after EXIF rotation (orientations 5-8 swap the sides)."""
+    w, h = img.size
+    try:
+        turned = int(img.getexif().get(0x0112, 1) or 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: exif_transpose will not turn it either
+        turned = False
+    return (h, w) if turned else (w, h)
+
+
+def _draft(img: Image.Image, recipes: dict) -> tuple[float, tuple[int, int]]:
+    """Ask the JPEG decoder for a reduced scale when that provably changes nothing that
+    matters (see :data:`DRAFT_GAP`); return (scale, oriented full size (w, h))."""
+    w, h = _oriented_size(img)
+    if img.format != "JPEG" or img.mode not in ("RGB", "L", "YCbCr") or not recipes:
+        return 1.0, (w, h)
+    need_h = max(r.resized(h, w)[0] for r in recipes.values())
+    need_w = max(r.resized(h, w)[1] for r in recipes.values())
+    want = (math.ceil(DRAFT_GAP * need_w), math.ceil(DRAFT_GAP * need_h))
+    if (w, h) != img.size:  # draft works in the file's orientation
+        want = want[::-1]
+    if want[0] * 2 > img.size[0] or want[1] * 2 > img.size[1]:
+        return 1.0, (w, h)
+    file_w = img.size[0]
+    res = img.draft(img.mode, want)
+    if res is None:
+        return 1.0, (w, h)
+    return file_w / res[1][2], (w, h)
+
+
+def decode_for(src: "str | os.PathLike | bytes", recipes: dict, name: str | None = None) -> dict:
+    """Decode an image file (path or bytes) once; {key: timm's uint8 (h, w, 3) input} per recipe.
+
+    Same pixels and same errors (:class:`ImageDecodeError`) as ``data.decode_image`` followed by
+    each backbone's timm transform, except that a JPEG much larger than every backbone needs is
+    decoded at a reduced scale first (:data:`DRAFT_GAP`)."""
+    from .data import ImageDecodeError
+
+    raw = isinstance(src, (bytes, bytearray, memoryview))
+    name = name or ("<bytes>" if raw else os.fspath(src))
+    try:
+        with Image.open(io.BytesIO(src) if raw else src) as img:
+            scale, size = _draft(img, recipes)
+            img.load()
+            return render_all(ImageOps.exif_transpose(img), recipes, scale, size)
+    except FileNotFoundError as e:
+        raise ImageDecodeError(f"file not found: {name}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"cannot decode {name}: {e}") from e
+
+
+def render_tensor(img: torch.Tensor, plan: Plan, interpolation: str) -> torch.Tensor:
+    """:func:`render` for a (3, H, W) uint8 tensor on any device (the device-decode path):
+    the whole image resized with Pillow's antialiased filter as F.interpolate implements it,
+    then cropped/padded; (3, h, w) uint8."""
+    mode = DEVICE_FILTERS[interpolation]
+    (rh, rw), (y0, x0), (w, h) = plan.resized, plan.start, plan.size
+    x = img
+    if (rh, rw) != tuple(img.shape[-2:]):
+        kw = {"antialias": True, "align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        x = F.interpolate(img[None].float(), size=(rh, rw), mode=mode, **kw)[0]
+        x = x.clamp_(0, 255).round_().to(torch.uint8)
+    x = x[:, y0:y0 + h, x0:x0 + w]
+    if not plan.padded:
+        return x
+    out = torch.tensor(plan.fill, dtype=torch.uint8, device=img.device).view(3, 1, 1).repeat(1, *plan.out)
+    (t, left) = plan.offset
+    out[:, t:t + h, left:left + w] = x
+    return out
 
 
 def decode_resolution(data_configs: Sequence[dict]) -> int:
@@ -181,14 +443,14 @@ def _decode_jpegs(datas: list, device: torch.device) -> list:
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
 
 
-def squares_from_jpeg_bytes(datas: Sequence[torch.Tensor], side: int, device: torch.device | str
-                            ) -> tuple[list, list]:
-    """Batch-decode JPEG byte tensors on ``device``; return (squares, failures).
+def images_from_jpeg_bytes(datas: Sequence[torch.Tensor], recipes: dict, device: torch.device | str
+                           ) -> tuple[list, list]:
+    """Batch-decode JPEG byte tensors on ``device``; return (inputs, failures).
 
-    ``squares[i]`` is a (3, side, side) uint8 tensor on ``device`` (the centre square, resized
-    antialiased bicubic like :func:`center_square`), or None when image i could not be decoded
-    there; ``failures`` lists those indices (the caller decodes them with Pillow instead). One
-    bad file does not lose the batch: nvjpeg fails whole batches, so they are retried one by one.
+    ``inputs[i]`` is {key: (3, h, w) uint8 tensor on ``device``}, timm's input for each recipe
+    (:func:`render_tensor`), or None when image i could not be decoded there; ``failures``
+    lists those indices (the caller decodes them with Pillow instead). One bad file does not
+    lose the batch: nvjpeg fails whole batches, so they are retried one by one.
     """
     device = torch.device(device)
     datas = list(datas)
@@ -201,21 +463,37 @@ def squares_from_jpeg_bytes(datas: Sequence[torch.Tensor], side: int, device: to
                 imgs.append(_decode_jpegs([d], device)[0])
             except Exception:  # noqa: BLE001
                 imgs.append(None)
-    squares, failures = [], []
+    inputs, failures = [], []
     for i, img in enumerate(imgs):
         if img is None or img.ndim != 3 or img.shape[0] != 3:
-            squares.append(None)
+            inputs.append(None)
             failures.append(i)
             continue
         h, w = img.shape[-2:]
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        x = img[:, top:top + s, left:left + s]
-        if s != side:
-            x = F.interpolate(x[None].float(), size=(side, side), mode="bicubic", align_corners=False,
-                              antialias=True)[0].clamp_(0, 255).round_().to(torch.uint8)
-        squares.append(x)
-    return squares, failures
+        inputs.append({k: render_tensor(img, r.plan(h, w), r.interpolation) for k, r in recipes.items()})
+    return inputs, failures
+
+
+class Normalizer:
+    """Batched uint8 -> normalised float for one backbone, on any device.
+
+    Input (B, 3, H, W) uint8 in any memory format (the loader hands over channels_last batches:
+    stacked HWC images, permuted, no copy); the float conversion keeps the layout and the
+    normalisation is in place."""
+
+    def __init__(self, data_config: dict, device: torch.device | str = "cpu", channels_last: bool = False):
+        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(data_config["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+                              * 255.0)
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixel values in [0, 255] -> normalised float32: a new tensor for uint8
+        input; a float32 input (a temporary of the caller's) is normalised in place."""
+        x = x.float()
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.contiguous(memory_format=fmt)  # a no-op when the layout is already right
+        return x.sub_(self.mean).mul_(self.inv_std)
 
 
 class DevicePreprocessor:
@@ -231,10 +509,7 @@ class DevicePreprocessor:
         self.size = _hw(data_config)
         self.crop_pct = float(data_config.get("crop_pct") or 1.0)
         self.mode = _TORCH_MODES.get(str(data_config.get("interpolation", "bilinear")), "bilinear")
-        self.mean = torch.tensor(data_config["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-        self.inv_std = 1.0 / (torch.tensor(data_config["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
-                              * 255.0)
-        self.channels_last = channels_last
+        self.normalize = Normalizer(data_config, device, channels_last)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) uint8 -> (B, 3, H, W) float32 normalized (a new tensor)."""
@@ -248,9 +523,7 @@ class DevicePreprocessor:
                               **({"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}), **kw)
             if self.mode == "bicubic":  # bicubic overshoots; keep the uint8 range like PIL does
                 x = x.clamp_(0.0, 255.0)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = x.contiguous(memory_format=fmt)  # a no-op when the layout is already right
-        return x.sub_(self.mean).mul_(self.inv_std)
+        return self.normalize(x)
 
 
 def reference_transform(data_config: dict):

@@ -19,7 +19,7 @@ from featstack.cache import CacheWriter, open_cache
 from featstack.data import decode_image, open_source
 from featstack.errors import ConfigError
 from featstack.extract import extract, resolve_decode, resolve_parallelism
-from featstack.preprocess import center_square, decode_square, is_plain_jpeg, squares_from_jpeg_bytes
+from featstack.preprocess import Recipe, decode_for, images_from_jpeg_bytes, is_plain_jpeg, render_all
 
 BASE = dict(weights="none", workers=0, progress=False, dtype="float32")
 
@@ -64,19 +64,31 @@ def test_fast_path_agrees_with_reference(photos, tmp_path, key, record_property)
     assert hits >= 0.9, msg
 
 
-def test_decode_square_matches_full_decode(photos):
-    """JPEG DCT-scaled decoding (large files) stays close to a full decode + resize."""
+_CFG = dict(input_size=(3, 64, 64), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875)
+
+
+def test_decode_for_matches_full_decode(photos, monkeypatch):
+    """JPEG DCT-scaled decoding (files at least DRAFT_GAP times larger than needed) stays close
+    to a full decode + timm's resize; smaller files are decoded in full: identical pixels."""
+    import featstack.preprocess as pp
+
+    monkeypatch.setattr(pp, "DRAFT_GAP", 2.0)
     src = open_source(photos)
-    side = 183
+    recipes = {"a": Recipe.from_config(_CFG), "b": Recipe.from_config(dict(_CFG, crop_mode="squash"))}
     diffs, drafted = [], 0
     for row in range(len(src)):
         path = src.paths[row]
-        full = center_square(decode_image(path), side)
-        fast = decode_square(path, side)
-        assert fast.shape == full.shape == (side, side, 3) and fast.dtype == np.uint8
-        diffs.append(np.abs(fast.astype(int) - full.astype(int)).mean())
+        full = render_all(Image.fromarray(decode_image(path)), recipes)
+        fast = decode_for(path, recipes)
         with Image.open(path) as im:
-            drafted += im.format == "JPEG" and min(im.size) >= 2 * side
+            small = im.format == "JPEG" and min(im.size) >= 2 * 2.0 * 73  # 73 = floor(64 / 0.875)
+        drafted += small
+        for k in recipes:
+            assert fast[k].shape == full[k].shape == (64, 64, 3) and fast[k].dtype == np.uint8
+            d = np.abs(fast[k].astype(int) - full[k].astype(int))
+            diffs.append(d.mean())
+            if not small:
+                assert d.max() == 0, (path, k)
     assert drafted >= 3  # the reduced-scale branch really ran
     assert max(diffs) < 3.0, diffs  # mean abs difference, in uint8 levels
 
@@ -87,19 +99,22 @@ def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
     return b.getvalue()
 
 
-def test_squares_from_jpeg_bytes_on_cpu_match_pillow():
-    """The device-decode batch builder (torchvision decode_jpeg), run on the CPU."""
+def test_images_from_jpeg_bytes_on_cpu_match_pillow():
+    """The device-decode batch builder (torchvision decode_jpeg + F.interpolate), run on the CPU."""
     rng = np.random.default_rng(3)
     imgs = [synthetic_photo(rng, h, w, hue=i) for i, (h, w) in enumerate([(96, 128), (300, 220), (183, 183)])]
     datas = [_jpeg_bytes(im) for im in imgs] + [_jpeg_bytes(imgs[0].convert("L"))]
     bad = datas[0][: len(datas[0]) // 3] + b"\x00" * 10
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas + [b"not a jpeg at all"]]
-    squares, failures = squares_from_jpeg_bytes(tensors, 183, "cpu")
-    assert failures == [4] and squares[4] is None
-    for d, sq in zip(datas, squares):
-        want = decode_square(d, 183)
-        assert sq.shape == (3, 183, 183) and sq.dtype == torch.uint8 and sq.device.type == "cpu"
-        assert np.abs(sq.permute(1, 2, 0).numpy().astype(int) - want.astype(int)).mean() < 2.0
+    recipes = {m: Recipe.from_config(dict(_CFG, crop_mode=m, crop_pct=0.9)) for m in ("center", "squash", "border")}
+    inputs, failures = images_from_jpeg_bytes(tensors, recipes, "cpu")
+    assert failures == [4] and inputs[4] is None
+    for d, got in zip(datas, inputs):
+        want = decode_for(d, recipes)
+        for k in recipes:
+            x = got[k]
+            assert x.shape == (3, 64, 64) and x.dtype == torch.uint8 and x.device.type == "cpu"
+            assert np.abs(x.permute(1, 2, 0).numpy().astype(int) - want[k].astype(int)).mean() < 2.0, k
     assert is_plain_jpeg(datas[0]) and is_plain_jpeg(datas[3])
     assert not is_plain_jpeg(b"\x89PNG\r\n\x1a\n") and not is_plain_jpeg(bad)
     exif = Image.Exif()
@@ -128,8 +143,8 @@ def test_device_decode_path_runs_on_cpu_and_matches(photos, tmp_path, monkeypatc
     assert resolve_decode("auto", torch.device("cpu"), open_source(root), "fast") == "cpu"
     monkeypatch.setattr(fx, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
     calls = []
-    real = fx.squares_from_jpeg_bytes
-    monkeypatch.setattr(fx, "squares_from_jpeg_bytes", lambda datas, *a: calls.append(len(datas)) or real(datas, *a))
+    real = fx.images_from_jpeg_bytes
+    monkeypatch.setattr(fx, "images_from_jpeg_bytes", lambda datas, *a: calls.append(len(datas)) or real(datas, *a))
     keys = ["test_resnet", "test_vit"]
     res = extract(str(root), keys, tmp_path / "dev.h5", device="cpu", decode="gpu", batch_size=8,
                   workers=1, **{k: v for k, v in BASE.items() if k != "workers"})
