@@ -10,7 +10,7 @@ import sys
 from . import __version__
 from .errors import FeatstackError
 
-COMMANDS = ["run", "extract", "info", "bench", "train", "predict", "export", "finetune", "weights"]
+COMMANDS = ["run", "extract", "info", "verify", "bench", "train", "predict", "export", "finetune", "weights"]
 
 
 def build_parser() -> argparse.ArgumentParser:

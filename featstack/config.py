@@ -26,6 +26,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields  # noqa: F401  (MISSING: a required setting)
 from typing import Any, Callable, Sequence
 
+from .bounds import INPUT_SIZE_MIN
 from .errors import ConfigError
 
 # One value per shared constant (extract and finetune alike).
@@ -411,7 +412,8 @@ class ExtractConfig:
                                               "file (repeatable; part of the fingerprint)", pairs=True,
                                           metavar="KEY=JSON|FILE", yaml="backbone:data_config", api="data_configs",
                                           default_text="none")
-    input_size: int | None = setting(None, "override every backbone's square input size", minimum=1,
+    input_size: int | None = setting(None, "override every backbone's square input size (16 to 2048 unless "
+                                           "--max-input-size raises it)", minimum=INPUT_SIZE_MIN,
                                      default_text="each model's own")
     seed: int = setting(0, "seed of random-init weights (--weights none)", yaml="top:seed")
     device: str = setting(DEFAULT_DEVICE, "auto (cuda if available), cpu, cuda, cuda:N")
@@ -434,7 +436,18 @@ class ExtractConfig:
     shard_rows: int = setting(DEFAULT_SHARD_ROWS, "rows per shard file (the unit of resume)", minimum=1)
     compression: str | None = setting(None, "HDF5 compression of shards", choices=COMPRESSIONS,
                                       default_text="none")
-    overwrite: bool = setting(False, "replace a backbone cached with a different fingerprint")
+    overwrite: bool = setting(False, "replace a backbone cached with a different fingerprint (written as a new "
+                                     "generation, switched in when complete; readers of the old one keep it)")
+    max_input_size: int | None = setting(None, "largest --input-size accepted", minimum=16,
+                                         default_text="2048, or $FEATSTACK_MAX_INPUT_SIZE")
+    repair: bool = setting(False, "verify every existing shard's checksum and extract the bad or missing "
+                                  "ones again")
+    refresh: bool = setting(False, "extract again the rows whose input files changed (size or mtime) since "
+                                   "they were extracted, for every cached backbone; without it such a run is "
+                                   "refused", yaml="wired:always on in featstack run")
+    wait: bool = setting(False, "wait for another writer of the same backbones to finish instead of failing")
+    lock: bool = setting(True, "per-backbone write lock (off: file systems without flock; run one writer "
+                               "at a time yourself; same as FEATSTACK_NO_LOCK=1)", flag="--no-lock")
     progress: bool = setting(True, "progress bar")
 
 

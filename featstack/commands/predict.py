@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-from pathlib import Path
 
 BATCH_ROWS = 8192
 
@@ -40,8 +39,9 @@ def run(args) -> int:
     skipped = int((wanted & ~cache.valid).sum())
     rows = np.flatnonzero(wanted & cache.valid)
     kind = model.score_kind
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from ..bounds import check_output_file
+
+    out = check_output_file(args.out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     n_right = n_labelled = 0
     try:
