@@ -8,8 +8,17 @@ Only this module touches h5py. Layout (see ../shared/design.md)::
       /errors/row, /errors/id, /errors/message          inputs that failed to decode
       /features/<key>   (N, D) virtual dataset over the shards; attrs: metadata + fingerprint,
                         complete, shards (JSON), missing (JSON)
-    cache/NAME.shards/<key>/backbone.json               metadata + fingerprint + shard_rows
-    cache/NAME.shards/<key>/<start>-<stop>.h5           immutable shard: features, rows, errors
+    cache/NAME.shards/<key>/writer.lock                 flock: one writer per (cache, backbone)
+    cache/NAME.shards/<key>/CURRENT.json                {"current": "gN", "previous": "gM"}
+    cache/NAME.shards/<key>/gN/backbone.json            metadata + fingerprint + shard_rows
+    cache/NAME.shards/<key>/gN/<start>-<stop>.h5        immutable shard: features, rows, errors;
+                                                        attrs start, stop, fingerprint, checksum
+    cache/NAME.shards/<key>/gN/verified.json            last `featstack verify` of that generation
+
+Generations: ``--overwrite`` writes a new generation beside the one in use and switches
+CURRENT.json (then the index) to it when complete; the previous one is kept for readers that
+opened it. Every read checks each shard's row range and fingerprint against the index;
+`featstack verify` also checks the blake2b checksum of the feature bytes.
 
 Why shards: HDF5 does not survive a writer killed mid-write. A shard is written under a
 temporary name, closed, then renamed, so it is either complete or absent; resuming means
@@ -24,10 +33,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +50,7 @@ import numpy as np
 from . import __version__
 from .config import DEFAULT_SHARD_ROWS  # noqa: F401  (one default: the extract setting)
 from .errors import CacheError, CacheMismatchError, DataError
+from .locks import FileLock, check_job_holds, locking_enabled
 
 FORMAT_VERSION = 1
 #: where a labelled row can go; rows without a label (a loose folder of images, a manifest
@@ -49,6 +61,13 @@ SPLITS = (*LABELLED_SPLITS, UNLABELLED)
 CHUNK_BYTES = 1 << 20
 _STR = h5py.string_dtype("utf-8")
 _SHARD_RE = re.compile(r"^(\d+)-(\d+)\.h5$")
+_GEN_RE = re.compile(r"^g(\d+)$")
+POINTER = "CURRENT.json"        # per backbone folder: {"current": "gN", "previous": "gM"}
+LOCK_NAME = "writer.lock"       # per backbone folder: one writer at a time
+INDEX_LOCK_NAME = "index.lock"  # per shard root: one index build at a time
+VERIFIED_NAME = "verified.json"  # per generation: when `featstack verify` last ran, what was bad
+# Temp files older than this were left by an earlier, killed run (see _remove_stale_tmp).
+RUN_STARTED = time.time()
 # Metadata fields that decide what a feature matrix means. Versions and paths are recorded
 # but left out: upgrading torch, or moving a weights file with the same bytes, does not make
 # a matrix stale; different weights, preprocessing, storage dtype or rows do.
@@ -93,8 +112,10 @@ def _canonical_json(obj) -> str:
 class SampleTable:
     """The rows of a cache: ids, labels, splits and class names, fixed before extraction.
 
-    ``content`` holds optional per-sample content keys (file sizes, array hashes) that go into
-    the dataset fingerprint, so a changed image under the same name is noticed cheaply.
+    ``content`` holds optional per-sample content keys (array hashes) that go into the dataset
+    fingerprint. ``sizes`` and ``mtimes`` (ns) are the input files' stats when listed: not in the
+    fingerprint (a replaced image changes its rows, not the dataset), compared with what each
+    shard recorded when it read the file (see :meth:`CacheWriter.input_changes`).
     """
 
     ids: np.ndarray
@@ -102,6 +123,8 @@ class SampleTable:
     splits: np.ndarray
     classes: list
     content: np.ndarray | None = None
+    sizes: np.ndarray | None = None
+    mtimes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.ids = np.asarray([str(i) for i in self.ids], dtype=object)
@@ -116,6 +139,13 @@ class SampleTable:
                 f"ids, labels and splits differ in length ({n}, {len(self.labels)}, {len(self.splits)})")
         if self.content is not None and len(self.content) != n:
             raise DataError(f"content keys: {len(self.content)} for {n} samples")
+        if (self.sizes is None) != (self.mtimes is None):
+            raise DataError("file sizes and mtimes come together")
+        if self.sizes is not None:
+            self.sizes = np.asarray(self.sizes, dtype=np.int64).reshape(-1)
+            self.mtimes = np.asarray(self.mtimes, dtype=np.int64).reshape(-1)
+            if len(self.sizes) != n or len(self.mtimes) != n:
+                raise DataError(f"file stats: {len(self.sizes)} sizes, {len(self.mtimes)} mtimes for {n} samples")
         seen: dict[str, int] = {}
         for row, sid in enumerate(self.ids):
             if sid in seen:
@@ -148,6 +178,17 @@ class SampleTable:
         )
 
 
+class NonFiniteFeaturesError(CacheError):
+    """A backbone produced inf/NaN, or values the storage dtype cannot hold."""
+
+
+def _some(items: Sequence, k: int = 10) -> str:
+    """Up to ``k`` items, then how many more."""
+    items = list(items)
+    more = f" and {len(items) - k} more" if len(items) > k else ""
+    return ", ".join(map(str, items[:k])) + more
+
+
 def backbone_fingerprint(meta: dict) -> str:
     """sha256 of the metadata fields that decide what a backbone's feature matrix means."""
     missing = [f for f in FINGERPRINT_FIELDS if f not in meta]
@@ -170,8 +211,39 @@ def shard_root(index_path: str | os.PathLike) -> Path:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from e
+
+
+def _write_hdf5(path: Path, fill) -> None:
+    """Build an HDF5 file in memory with ``fill(f)``, then write its bytes under a temp name and
+    rename. A full disk or a denied write is then a plain OSError, reported naming the file:
+    HDF5 itself does not recover from failed writes (errors at close, even heap corruption).
+    A crash leaves the complete file or none (plus a temp file the next run removes)."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        fill(f)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buf.getbuffer())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_error(path: Path, e: OSError) -> CacheError:
+    """An OS or HDF5 error while writing, as one line naming the file (disk full, permission
+    denied, ...). Files are written to a temp name and renamed, so what was written is intact."""
+    text = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return CacheError(f"{path}: cannot write ({text}); the shards already written are intact, "
+                      "re-run the same command to resume")
 
 
 def _chunk_rows(dim: int, itemsize: int, rows: int) -> int:
@@ -202,18 +274,129 @@ def _coverage(shards: Sequence[tuple[int, int, Path]], n: int) -> tuple[list, li
     return missing, overlap
 
 
+@dataclass
+class _Plan:
+    """What one writer writes for one backbone: the generation folder and the fingerprint,
+    and the generation the pointer named when planned (re-checked before every shard)."""
+
+    gen: Path
+    fingerprint: str
+    current: str
+
+
+def _read_pointer(folder: Path) -> dict:
+    """``{"current": "g2", "previous": "g1"}`` of a backbone folder ({} when none yet)."""
+    p = folder / POINTER
+    if not p.exists():
+        if (folder / "backbone.json").exists():
+            raise CacheError(f"{folder}: written by an older featstack (no generations); "
+                             "delete that folder and re-extract, or use another cache")
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise CacheError(f"{p}: damaged generation pointer ({e}); delete it and re-extract") from e
+
+
+def _read_meta(gen: Path | None) -> dict | None:
+    p = None if gen is None else gen / "backbone.json"
+    return json.loads(p.read_text()) if p is not None and p.exists() else None
+
+
+def current_generation(folder: str | os.PathLike) -> Path | None:
+    """The generation folder a backbone folder's pointer names (None: nothing written yet)."""
+    name = _read_pointer(Path(folder)).get("current")
+    return Path(folder) / name if name else None
+
+
+def generation_dir(index_path: str | os.PathLike, key: str) -> Path | None:
+    """Folder of the shards a backbone's features currently come from."""
+    return current_generation(shard_root(index_path) / safe_key(key))
+
+
+def _generations(folder: Path) -> list[Path]:
+    gens = [p for p in folder.iterdir() if p.is_dir() and _GEN_RE.match(p.name)] if folder.is_dir() else []
+    return sorted(gens, key=lambda p: int(p.name[1:]))
+
+
+def _remove_stale_tmp(folder: Path, pattern: str = "*.tmp") -> None:
+    """Temp files older than this run were left by a killed writer: nobody will finish them."""
+    for tmp in folder.glob(pattern):
+        try:
+            if tmp.stat().st_mtime < RUN_STARTED:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+def features_checksum(features: np.ndarray) -> str:
+    """blake2b of a feature block's bytes (little-endian, C order), as stored in a shard."""
+    a = np.ascontiguousarray(features)
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    return "blake2b:" + hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()
+
+
+def shard_problem(path: Path, start: int, stop: int, fingerprint: str, *,
+                  checksum: bool = False, locking: bool | None = None) -> str | None:
+    """Why a shard cannot be trusted for rows [start, stop) of this fingerprint, or None.
+
+    Cheap (attributes only) unless ``checksum``: then the feature bytes are hashed and
+    compared with the checksum written with them.
+    """
+    try:
+        with h5py.File(path, "r", locking=locking) as f:
+            a = f.attrs
+            got = (int(a.get("start", -1)), int(a.get("stop", -1)))
+            if got != (start, stop):
+                return f"holds rows {got[0]}-{got[1]}, the index expects {start}-{stop}"
+            if a.get("fingerprint") != fingerprint:
+                return "written under another backbone fingerprint"
+            ds = f["features"]
+            if ds.shape[0] != stop - start:
+                return f"holds {ds.shape[0]} feature rows, expected {stop - start}"
+            if checksum:
+                want = a.get("checksum")
+                if want is None:
+                    return "has no checksum (written by an older featstack)"
+                if features_checksum(ds[()]) != want:
+                    return "checksum mismatch: its feature bytes changed after they were written"
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
 class CacheWriter:
     """Writes one cache: checks the dataset, plans the missing shards, writes them atomically,
-    and rebuilds the index. Several processes (torchrun ranks) may write disjoint shards of the
-    same cache at once; only one of them should call :meth:`finalize`.
+    and rebuilds the index.
+
+    One writer per (cache, backbone): :meth:`plan_backbone` takes an OS file lock on the
+    backbone (see :mod:`featstack.locks`) held until :meth:`finalize` or :meth:`release`. A
+    second writer is refused at once naming the holder, or waits with ``wait=True``. torchrun
+    ranks > 0 (``follower=True``) write disjoint shards under their rank 0's lock.
+
+    ``--overwrite`` never touches the shards in use: a backbone cached with another fingerprint
+    gets a new generation folder beside the current one, and the pointer (then the index) is
+    switched to it only when it is complete. Readers that opened the old generation keep
+    reading it (the previous generation is kept until the next overwrite).
     """
 
-    def __init__(self, path: str | os.PathLike, samples: SampleTable, *, locking: bool | None = None):
+    def __init__(self, path: str | os.PathLike, samples: SampleTable, *, locking: bool | None = None,
+                 lock: bool | None = None, wait: bool = False, follower: bool = False, say=None,
+                 check_finite: bool = True):
         self.path = Path(path)
         self.samples = samples
         self.locking = locking
+        self.lock_enabled = locking_enabled(lock)
+        self.wait = wait
+        self.follower = follower
+        self.say = say
+        self.check_finite = check_finite
         self.root = shard_root(self.path)
         self.dataset_fingerprint = samples.fingerprint()
+        self._locks: dict[str, FileLock] = {}
+        self._plans: dict[str, _Plan] = {}
         if self.path.exists():
             try:
                 with h5py.File(self.path, "r", locking=locking) as f:
@@ -228,157 +411,396 @@ class CacheWriter:
                 raise CacheMismatchError(
                     f"{self.path} was built from another dataset ({old_n} samples, fingerprint "
                     f"{str(old)[:12]}) than this one ({len(samples)} samples, fingerprint "
-                    f"{self.dataset_fingerprint[:12]}); use another --cache path or delete it")
+                    f"{self.dataset_fingerprint[:12]}{self._id_changes()}); use another --cache path "
+                    "or delete it")
+
+    def _id_changes(self) -> str:
+        """', files added: ..., removed: ...' between the cached sample ids and these."""
+        try:
+            with h5py.File(self.path, "r", locking=self.locking) as f:
+                old = set(f["samples/id"].asstr()[()])
+        except (OSError, KeyError):
+            return ""
+        new = set(self.samples.ids)
+        parts = [f"{len(ids)} {what}: {_some(sorted(ids))}"
+                 for what, ids in (("added", new - old), ("removed", old - new)) if ids]
+        return "; files " + ", ".join(parts) if parts else "; same files, other labels/splits/classes"
+
+    def input_changes(self) -> tuple[dict, list]:
+        """Input files changed since the shards that hold their rows read them.
+
+        Compares each shard's recorded (size, mtime_ns) per row with the files' stats now (no
+        file is read). Returns ({key: [stale shard paths]}, sorted changed rows); empty for
+        sources without files (arrays: their content is in the dataset fingerprint)."""
+        stale: dict[str, list] = {}
+        rows: set = set()
+        if self.samples.sizes is None or not self.root.is_dir():
+            return stale, []
+        now = np.stack([self.samples.sizes, self.samples.mtimes], axis=1)
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for gen in _generations(folder):
+                meta = _read_meta(gen)
+                for start, stop, shard in _list_shards(gen) if meta else ():
+                    try:
+                        with h5py.File(shard, "r", locking=self.locking) as f:
+                            rec = f["inputs"][()] if "inputs" in f else None
+                    except OSError:
+                        continue  # a damaged shard is reported by the shard checks
+                    if rec is None or rec.shape != (stop - start, 3):
+                        continue
+                    diff = np.flatnonzero((rec[:, :2] != now[start:stop]).any(axis=1))
+                    if len(diff):
+                        stale.setdefault(meta["key"], []).append(shard)
+                        rows.update((start + diff).tolist())
+        return stale, sorted(rows)
+
+    def refresh(self, stale: dict) -> None:
+        """Delete the stale shards (under each backbone's lock), so they are extracted again."""
+        self.lock_backbones(stale)
+        for shards in stale.values():
+            for shard in shards:
+                shard.unlink(missing_ok=True)
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def backbone_dir(self, key: str) -> Path:
         return self.root / safe_key(key)
 
+    def generation(self, key: str) -> Path:
+        """The generation folder this writer writes the backbone's shards into."""
+        if key not in self._plans:
+            raise CacheError(f"backbone {key!r} was not planned in {self.path}")
+        return self._plans[key].gen
+
     def read_backbone_meta(self, key: str) -> dict | None:
-        p = self.backbone_dir(key) / "backbone.json"
-        return json.loads(p.read_text()) if p.exists() else None
+        """Metadata of the backbone's current generation (None when not cached)."""
+        return _read_meta(current_generation(self.backbone_dir(key)))
 
+    def cached_keys(self) -> list[str]:
+        """Keys of every backbone with a current generation in this cache."""
+        if not self.root.is_dir():
+            return []
+        metas = (_read_meta(current_generation(d)) for d in sorted(self.root.iterdir()) if d.is_dir())
+        return [m["key"] for m in metas if m]
+
+    # ------------------------------------------------------------------ locks
+    def lock_backbones(self, keys: Iterable[str]) -> None:
+        """Take the write lock of every backbone (in one fixed order, so two writers that
+        wait for each other's backbones cannot deadlock)."""
+        for key in sorted(set(keys), key=safe_key):
+            self._lock(key)
+
+    def _lock(self, key: str) -> None:
+        if not self.lock_enabled or key in self._locks:
+            return
+        path = self.backbone_dir(key) / LOCK_NAME
+        what = f"{self.path}: backbone {key!r}"
+        if self.follower:
+            check_job_holds(path, what)
+            self._locks[key] = FileLock(path, what)  # rank 0's lock; nothing to release here
+            return
+        lock = FileLock(path, what)
+        try:
+            lock.acquire(wait=self.wait, on_wait=self.say)
+        except BaseException:
+            self.release()
+            raise
+        self._locks[key] = lock
+
+    def release(self) -> None:
+        """Drop every lock this writer holds (the kernel does it too when the process dies)."""
+        for lock in self._locks.values():
+            lock.release()
+        self._locks.clear()
+
+    # ------------------------------------------------------------------ planning
     def plan_backbone(self, meta: dict, *, shard_rows: int = DEFAULT_SHARD_ROWS,
-                      overwrite: bool = False) -> list[tuple[int, int]]:
-        """Register a backbone and return the row ranges whose shards are still missing.
+                      overwrite: bool = False, repair: bool = False) -> list[tuple[int, int]]:
+        """Lock and register a backbone; return the row ranges whose shards are still missing.
 
-        An existing backbone with another fingerprint is refused unless ``overwrite``; then its
-        shards are deleted. An existing one with the same fingerprint keeps its shard size, so
-        a resumed run writes exactly the shards the first run would have.
+        An existing backbone with another fingerprint is refused unless ``overwrite``: then a
+        new generation is started (or a pending one of this fingerprint resumed). An existing
+        one with the same fingerprint keeps its shard size, so a resumed run writes exactly the
+        shards the first run would have. Existing shards are checked (rows, fingerprint,
+        readable); a bad one is an error naming it, unless ``repair``: then every shard's
+        checksum is verified too and the bad ones are deleted, so they are planned again.
         """
         meta = dict(meta, dataset_fingerprint=self.dataset_fingerprint)
         meta["fingerprint"] = backbone_fingerprint(meta)
+        if shard_rows < 1:
+            raise ValueError("shard_rows must be >= 1")
         key = meta["key"]
         folder = self.backbone_dir(key)
-        old = self.read_backbone_meta(key)
-        if old is not None and old.get("fingerprint") != meta["fingerprint"]:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock(key)
+        ptr = _read_pointer(folder)
+        cur = ptr.get("current")
+        old = _read_meta(folder / cur) if cur else None
+        if old is None:
+            gen = self._start_generation(folder, meta, shard_rows)
+            if not self.follower:
+                self._write_pointer(folder, gen.name, None)
+            cur = gen.name
+        elif old.get("fingerprint") == meta["fingerprint"]:
+            gen = folder / cur
+        else:
             if not overwrite:
                 diff = [f for f in FINGERPRINT_FIELDS + OPTIONAL_FINGERPRINT_FIELDS if old.get(f) != meta.get(f)]
                 raise CacheMismatchError(
                     f"{self.path}: backbone {key!r} is cached with another fingerprint "
                     f"(differs in: {', '.join(diff) or 'format'}); pass --overwrite to replace it")
-            shutil.rmtree(folder)
-            old = None
-        if old is not None:
-            shard_rows = int(old["shard_rows"])
-        if shard_rows < 1:
-            raise ValueError("shard_rows must be >= 1")
-        meta["shard_rows"] = int(shard_rows)
-        meta.setdefault("created_utc", _dt.datetime.now(_dt.timezone.utc).isoformat())
-        folder.mkdir(parents=True, exist_ok=True)
-        if old is None:
-            _atomic_write_text(folder / "backbone.json", json.dumps(meta, indent=1, default=str))
+            gen = self._start_generation(folder, meta, shard_rows, keep=cur)
+        self._plans[key] = _Plan(gen, meta["fingerprint"], cur)
+        rows = int(_read_meta(gen)["shard_rows"])
+        if not self.follower:
+            _remove_stale_tmp(gen)
+            self._check_existing(key, gen, meta["fingerprint"], repair)
         n = len(self.samples)
-        have = {(s, e) for s, e, _ in _list_shards(folder)}
-        return [(s, min(s + shard_rows, n)) for s in range(0, n, shard_rows)
-                if (s, min(s + shard_rows, n)) not in have]
+        have = {(s, e) for s, e, _ in _list_shards(gen)}
+        return [(s, min(s + rows, n)) for s in range(0, n, rows) if (s, min(s + rows, n)) not in have]
 
+    def _start_generation(self, folder: Path, meta: dict, shard_rows: int, keep: str | None = None) -> Path:
+        """A generation folder for ``meta``: a pending one of the same fingerprint is resumed;
+        otherwise a new one is made, and pending generations of other fingerprints dropped."""
+        for gen in _generations(folder):
+            if gen.name != keep and (_read_meta(gen) or {}).get("fingerprint") == meta["fingerprint"]:
+                return gen
+        if self.follower:
+            raise CacheError(f"{folder}: rank 0 registered no generation for fingerprint "
+                             f"{meta['fingerprint'][:12]}")
+        for gen in _generations(folder):
+            if gen.name != keep:
+                shutil.rmtree(gen, ignore_errors=True)
+        taken = [int(g.name[1:]) for g in _generations(folder)]
+        gen = folder / f"g{max(taken, default=0) + 1}"
+        gen.mkdir()
+        meta = dict(meta, shard_rows=int(shard_rows))
+        meta.setdefault("created_utc", _dt.datetime.now(_dt.timezone.utc).isoformat())
+        _atomic_write_text(gen / "backbone.json", json.dumps(meta, indent=1, default=str))
+        return gen
+
+    def _write_pointer(self, folder: Path, current: str, previous: str | None) -> None:
+        _atomic_write_text(folder / POINTER, json.dumps({"current": current, "previous": previous}))
+
+    def _check_existing(self, key: str, gen: Path, fingerprint: str, repair: bool) -> None:
+        """Refuse to build on a bad shard; with ``repair`` delete the bad ones instead."""
+        for start, stop, shard in _list_shards(gen):
+            why = shard_problem(shard, start, stop, fingerprint, checksum=repair, locking=self.locking)
+            if why is None:
+                continue
+            if not repair:
+                raise CacheError(f"{shard}: {why}; run `featstack verify {self.path}` and re-extract "
+                                 "with --repair")
+            if self.say:
+                self.say(f"repair: {shard}: {why}; extracting its rows again")
+            shard.unlink()
+        if repair:
+            (gen / VERIFIED_NAME).unlink(missing_ok=True)
+
+    def _recheck(self, key: str) -> _Plan:
+        """Before every shard: this writer's generation is still the one its backbone is
+        heading to, with this fingerprint (nobody overwrote it meanwhile)."""
+        plan = self._plans.get(key)
+        if plan is None:
+            raise CacheError(f"backbone {key!r} was not planned in {self.path}")
+        if self.lock_enabled and not self.follower and not self._locks[key].held:
+            raise CacheError(f"{self.path}: backbone {key!r}: write lock released; re-plan first")
+        now = _read_pointer(self.backbone_dir(key)).get("current")
+        meta = _read_meta(plan.gen)
+        if now != plan.current or meta is None or meta.get("fingerprint") != plan.fingerprint:
+            raise CacheMismatchError(
+                f"{self.path}: backbone {key!r} was changed by another writer while this one ran "
+                f"(now generation {now}); stopped before writing more. Re-run to continue")
+        return plan
+
+    # ------------------------------------------------------------------ writing
     def write_shard(self, key: str, start: int, stop: int, features: np.ndarray,
                     error_rows: Iterable[int] = (), error_messages: Iterable[str] = (),
-                    *, compression: str | None = None) -> Path:
-        """Write rows [start, stop) of one backbone as an immutable shard (tmp, then rename)."""
-        meta = self.read_backbone_meta(key)
-        if meta is None:
-            raise CacheError(f"backbone {key!r} was not planned in {self.path}")
+                    inputs: np.ndarray | None = None, *, compression: str | None = None) -> Path:
+        """Write rows [start, stop) of one backbone as an immutable shard (tmp, then rename).
+
+        The shard records its row range, the backbone fingerprint and a checksum of its
+        feature bytes; the fingerprint is re-checked first (see :meth:`_recheck`). ``inputs``:
+        per row (size, mtime_ns, content hash) of the file the features were computed from."""
+        plan = self._recheck(key)
+        meta = _read_meta(plan.gen)
         features = np.asarray(features)
         if features.shape != (stop - start, meta["dim"]):
             raise ValueError(f"shard {key} {start}-{stop}: features of shape {features.shape}, "
                              f"expected {(stop - start, meta['dim'])}")
         dtype = np.dtype(meta["dtype"])
-        folder = self.backbone_dir(key)
-        final = folder / f"{start}-{stop}.h5"
-        tmp = folder / f"{start}-{stop}.h5.{uuid.uuid4().hex}.tmp"
-        for stale in folder.glob(f"{start}-{stop}.h5.*.tmp"):  # left by a killed run
+        error_rows = [int(r) for r in error_rows]
+        if self.check_finite:
+            self._check_finite(key, start, features, dtype, error_rows)
+        stored = features.astype(dtype, copy=False)
+        final = plan.gen / f"{start}-{stop}.h5"
+        for stale in plan.gen.glob(f"{start}-{stop}.h5.*.tmp"):  # left by a killed run
             stale.unlink(missing_ok=True)
         rows = stop - start
-        try:
-            with h5py.File(tmp, "w", locking=self.locking) as f:
-                f.create_dataset("features", data=features.astype(dtype, copy=False),
-                                 chunks=(_chunk_rows(meta["dim"], dtype.itemsize, rows), meta["dim"]),
-                                 compression=compression)
-                f.create_dataset("rows", data=np.arange(start, stop, dtype=np.int64))
-                f.create_dataset("errors/row", data=np.asarray(list(error_rows), dtype=np.int64))
-                f.create_dataset("errors/message", data=np.asarray(list(error_messages), dtype=object),
-                                 dtype=_STR)
-                f.attrs.update(key=key, start=start, stop=stop, fingerprint=meta["fingerprint"])
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        def fill(f) -> None:
+            f.create_dataset("features", data=stored,
+                             chunks=(_chunk_rows(meta["dim"], dtype.itemsize, rows), meta["dim"]),
+                             compression=compression)
+            f.create_dataset("rows", data=np.arange(start, stop, dtype=np.int64))
+            if inputs is not None:
+                f.create_dataset("inputs", data=np.asarray(inputs, dtype=np.int64).reshape(rows, 3))
+            f.create_dataset("errors/row", data=np.asarray(list(error_rows), dtype=np.int64))
+            f.create_dataset("errors/message", data=np.asarray(list(error_messages), dtype=object), dtype=_STR)
+            f.attrs.update(key=key, start=start, stop=stop, fingerprint=meta["fingerprint"],
+                           checksum=features_checksum(stored))
+        _write_hdf5(final, fill)
         return final
 
+    def _check_finite(self, key: str, start: int, features: np.ndarray, dtype: np.dtype,
+                      error_rows: list) -> None:
+        """Refuse non-finite features, and values the storage dtype cannot hold, before they are
+        stored: otherwise every such row is inf or NaN and it shows only at training time.
+
+        Refused rather than silently widened to float32: the user chooses (``--dtype float32``),
+        and every shard of a backbone keeps one dtype."""
+        ok = np.ones(len(features), dtype=bool)
+        ok[np.asarray(error_rows, dtype=np.int64) - start] = False
+        bad = ok & ~np.isfinite(features).all(axis=1)
+        why, hint = "non-finite features (inf or NaN)", "check the weights and the inputs"
+        if not bad.any() and np.issubdtype(dtype, np.floating) and dtype.itemsize < features.dtype.itemsize:
+            limit = float(np.finfo(dtype).max)
+            bad = ok & (np.abs(features) > limit).any(axis=1)
+            if bad.any():
+                why = (f"features beyond {dtype.name}'s range (|x| up to "
+                       f"{float(np.abs(features[bad]).max()):.3g} > {limit:.0f})")
+                hint = "extract with --dtype float32"
+        if bad.any():
+            rows = start + np.flatnonzero(bad)
+            raise NonFiniteFeaturesError(
+                f"{self.path}: backbone {key!r} gave {why} for {int(bad.sum())} rows of {start}-"
+                f"{start + len(features)}, first {_some(self.samples.ids[rows].tolist(), 3)}; not stored "
+                f"(shards already written are kept); {hint}")
+
     def finalize(self) -> Path:
-        """Rebuild the index from the samples and whatever shards exist (atomically)."""
-        return build_index(self.path, self.samples, locking=self.locking)
+        """Switch completed new generations in, rebuild the index, release the locks.
+
+        Only one process (rank 0) finalizes; it still holds every backbone's lock."""
+        try:
+            if not self.follower:
+                for key, plan in self._plans.items():
+                    if plan.gen.name != plan.current and self._complete(plan.gen):
+                        self._switch(key, plan)
+            return build_index(self.path, self.samples, locking=self.locking, lock=self.lock_enabled)
+        finally:
+            self.release()
+
+    def _complete(self, gen: Path) -> bool:
+        rows = int(_read_meta(gen)["shard_rows"])
+        missing, overlap = _coverage(_list_shards(gen), len(self.samples))
+        return not missing and not overlap and rows > 0
+
+    def _switch(self, key: str, plan: _Plan) -> None:
+        """Point the backbone at its new generation; keep the previous one for open readers,
+        delete older ones."""
+        folder = self.backbone_dir(key)
+        self._recheck(key)
+        self._write_pointer(folder, plan.gen.name, plan.current)
+        for gen in _generations(folder):
+            if gen.name not in (plan.gen.name, plan.current):
+                shutil.rmtree(gen, ignore_errors=True)
+        plan.current = plan.gen.name
 
 
-def build_index(path: str | os.PathLike, samples: SampleTable, *, locking: bool | None = None) -> Path:
-    """Write the index file: samples, errors and one virtual dataset per backbone folder."""
+def build_index(path: str | os.PathLike, samples: SampleTable, *, locking: bool | None = None,
+                lock: bool | None = None) -> Path:
+    """Write the index file: samples, errors and one virtual dataset per backbone folder.
+
+    Index builds are serialised by a lock (two writers of different backbones of one cache
+    finish in either order; the last build sees both); temp files of killed builds are removed.
+    """
     path = Path(path)
+    root = shard_root(path)
+    root.mkdir(parents=True, exist_ok=True)
+    index_lock = FileLock(root / INDEX_LOCK_NAME, f"{path}: index")
+    if locking_enabled(lock):
+        index_lock.acquire(wait=True)
+    try:
+        _remove_stale_tmp(path.parent, f"{path.name}.*.tmp")
+        return _build_index(path, samples, locking)
+    finally:
+        index_lock.release()
+
+
+def _build_index(path: Path, samples: SampleTable, locking: bool | None) -> Path:
     root = shard_root(path)
     n = len(samples)
     errors: dict[int, str] = {}
     backbones = []
-    if root.is_dir():
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            bj = folder / "backbone.json"
-            if not bj.exists():
-                continue
-            meta = json.loads(bj.read_text())
-            stats = folder / "stats.json"
-            if stats.exists():  # measured throughput; informative, not part of the fingerprint
-                meta["images_per_second"] = json.loads(stats.read_text()).get("images_per_second")
-            if meta.get("dataset_fingerprint") != samples.fingerprint():
-                raise CacheMismatchError(
-                    f"{folder}: shards of another dataset; delete that folder or use another cache")
-            shards = _list_shards(folder)
-            for start, stop, shard in shards:
-                try:
-                    with h5py.File(shard, "r", locking=locking) as f:
-                        if f.attrs.get("fingerprint") != meta["fingerprint"]:
-                            raise CacheMismatchError(f"{shard}: shard of another backbone fingerprint")
-                        for r, m in zip(f["errors/row"][()], f["errors/message"].asstr()[()]):
-                            errors.setdefault(int(r), m)
-                except OSError as e:
-                    raise CacheError(f"{shard}: unreadable shard ({e}); delete it and re-run") from e
-            backbones.append((meta, shards))
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    inputs = np.tile(np.asarray([-1, -1, 0], np.int64), (n, 1))  # size, mtime_ns, hash as read
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        gen = current_generation(folder)
+        meta = _read_meta(gen)
+        if meta is None:
+            continue
+        stats = gen / "stats.json"
+        if stats.exists():  # measured throughput; informative, not part of the fingerprint
+            meta["images_per_second"] = json.loads(stats.read_text()).get("images_per_second")
+        if meta.get("dataset_fingerprint") != samples.fingerprint():
+            raise CacheMismatchError(
+                f"{folder}: shards of another dataset; delete that folder or use another cache")
+        meta["generation"] = os.path.relpath(gen, path.parent)
+        shards = _list_shards(gen)
+        for start, stop, shard in shards:
+            why = shard_problem(shard, start, stop, meta["fingerprint"], locking=locking)
+            if why is not None:
+                raise CacheError(f"{shard}: {why}; re-extract with --repair")
+            with h5py.File(shard, "r", locking=locking) as f:
+                for r, m in zip(f["errors/row"][()], f["errors/message"].asstr()[()]):
+                    errors.setdefault(int(r), m)
+                if "inputs" in f:
+                    got = f["inputs"][()]
+                    unset = inputs[start:stop, 1] == -1
+                    inputs[start:stop][unset] = got[unset]
+        backbones.append((meta, shards))
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with h5py.File(tmp, "w", locking=locking) as f:
-            f.attrs.update(format_version=FORMAT_VERSION, featstack_version=__version__,
-                           dataset_fingerprint=samples.fingerprint(), n_samples=n,
-                           created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat())
-            f.create_dataset("samples/id", data=samples.ids, dtype=_STR)
-            f.create_dataset("samples/label", data=samples.labels)
-            f.create_dataset("samples/split", data=samples.splits, dtype=_STR)
-            f.create_dataset("classes", data=np.asarray(samples.classes, dtype=object), dtype=_STR)
-            erows = np.asarray(sorted(errors), dtype=np.int64)
-            f.create_dataset("errors/row", data=erows)
-            f.create_dataset("errors/id", data=samples.ids[erows] if len(erows) else np.asarray([], dtype=object),
-                             dtype=_STR)
-            f.create_dataset("errors/message", data=np.asarray([errors[r] for r in erows], dtype=object),
-                             dtype=_STR)
-            feats = f.create_group("features")
-            for meta, shards in backbones:
-                dim, dtype = int(meta["dim"]), np.dtype(meta["dtype"])
-                layout = h5py.VirtualLayout(shape=(n, dim), dtype=dtype)
-                for start, stop, shard in shards:
-                    rel = os.path.relpath(shard, path.parent)
-                    layout[start:stop] = h5py.VirtualSource(rel, "features", shape=(stop - start, dim))
-                ds = feats.create_virtual_dataset(safe_key(meta["key"]), layout, fillvalue=np.nan)
-                missing, overlap = _coverage(shards, n)
-                if overlap:
-                    raise CacheError(f"{root / safe_key(meta['key'])}: shards overlap at rows "
-                                     f"{overlap[0]}; delete that folder and re-run")
-                for k, v in meta.items():
-                    if v is not None:
-                        ds.attrs[k] = v if isinstance(v, (str, int, float)) else _canonical_json(v)
-                ds.attrs["complete"] = not missing
-                ds.attrs["missing"] = _canonical_json(missing)
-                ds.attrs["shards"] = _canonical_json(
-                    [[s, e, os.path.relpath(p, path.parent)] for s, e, p in shards])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def fill(f) -> None:
+        f.attrs.update(format_version=FORMAT_VERSION, featstack_version=__version__,
+                       dataset_fingerprint=samples.fingerprint(), n_samples=n,
+                       created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat())
+        f.create_dataset("samples/id", data=samples.ids, dtype=_STR)
+        f.create_dataset("samples/label", data=samples.labels)
+        f.create_dataset("samples/split", data=samples.splits, dtype=_STR)
+        f.create_dataset("samples/size", data=inputs[:, 0])
+        f.create_dataset("samples/mtime_ns", data=inputs[:, 1])
+        f.create_dataset("samples/content_hash", data=inputs[:, 2])
+        f.create_dataset("classes", data=np.asarray(samples.classes, dtype=object), dtype=_STR)
+        erows = np.asarray(sorted(errors), dtype=np.int64)
+        f.create_dataset("errors/row", data=erows)
+        f.create_dataset("errors/id", data=samples.ids[erows] if len(erows) else np.asarray([], dtype=object),
+                         dtype=_STR)
+        f.create_dataset("errors/message", data=np.asarray([errors[r] for r in erows], dtype=object),
+                         dtype=_STR)
+        feats = f.create_group("features")
+        for meta, shards in backbones:
+            dim, dtype = int(meta["dim"]), np.dtype(meta["dtype"])
+            layout = h5py.VirtualLayout(shape=(n, dim), dtype=dtype)
+            for start, stop, shard in shards:
+                rel = os.path.relpath(shard, path.parent)
+                layout[start:stop] = h5py.VirtualSource(rel, "features", shape=(stop - start, dim))
+            ds = feats.create_virtual_dataset(safe_key(meta["key"]), layout, fillvalue=np.nan)
+            missing, overlap = _coverage(shards, n)
+            if overlap:
+                raise CacheError(f"{root / safe_key(meta['key'])}: shards overlap at rows "
+                                 f"{overlap[0]}; delete that folder and re-run")
+            for k, v in meta.items():
+                if v is not None:
+                    ds.attrs[k] = v if isinstance(v, (str, int, float)) else _canonical_json(v)
+            ds.attrs["complete"] = not missing
+            ds.attrs["missing"] = _canonical_json(missing)
+            ds.attrs["shards"] = _canonical_json(
+                [[s, e, os.path.relpath(p, path.parent)] for s, e, p in shards])
+    _write_hdf5(path, fill)
     return path
 
 
@@ -425,6 +847,7 @@ class Cache:
                     for r, i, m in zip(self.error_rows, f["errors/id"].asstr()[()],
                                        f["errors/message"].asstr()[()])]
                 self._meta = {}
+                self._checked: dict = {}
                 for name, ds in f["features"].items():
                     meta = {k: _decode_attr(v) for k, v in ds.attrs.items()}
                     meta.setdefault("key", name)
@@ -500,10 +923,36 @@ class Cache:
             raise CacheError(
                 f"{self.path}: backbone {key!r} is incomplete (rows {meta.get('missing')} missing); "
                 "re-run the extraction to resume it")
+        problem = self._shard_problems(key, first=True)
+        if problem:
+            rel, why = problem[0]
+            raise CacheError(f"{self.path.parent / rel}: shard of backbone {key!r} {why}; run "
+                             f"`featstack verify {self.path}`, then re-extract with --repair")
+
+    def _shard_problems(self, key: str, first: bool = False) -> list[tuple[str, str]]:
+        """Cheap checks of a backbone's shards against the index: each file exists, holds the
+        rows the index maps to it and was written under the index's fingerprint. A file is
+        re-checked only when its (inode, size, mtime) changed since this reader last checked."""
+        meta = self._meta[key]
+        out = []
         for start, stop, rel in meta.get("shards", []):
-            if not (self.path.parent / rel).exists():
-                raise CacheError(f"{self.path}: shard {rel} of backbone {key!r} (rows {start}-{stop}) "
-                                 "is missing on disk; re-run the extraction to rebuild it")
+            shard = self.path.parent / rel
+            try:
+                st = shard.stat()
+                sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                sig = None
+            if sig is not None and self._checked.get(str(shard)) == (sig, meta["fingerprint"]):
+                continue
+            why = "is missing on disk" if sig is None else shard_problem(
+                shard, start, stop, meta["fingerprint"], locking=self.locking)
+            if why is None:
+                self._checked[str(shard)] = (sig, meta["fingerprint"])
+                continue
+            out.append((rel, why))
+            if first:
+                break
+        return out
 
     def features(self, keys: str | Sequence[str], rows: np.ndarray | None = None,
                  dtype=np.float32) -> np.ndarray:
@@ -532,9 +981,51 @@ class Cache:
         with h5py.File(self.path, "r", locking=self.locking) as f:
             for key, d in zip(keys, dims):
                 ds = f["features"][self._meta[key]["_name"]]
-                out[:, col:col + d] = _read_rows(ds, idx, n, dtype)
+                if _same_generation(ds, self._meta[key]):
+                    out[:, col:col + d] = _read_rows(ds, idx, n, dtype)
+                else:  # overwritten since this reader opened the cache: keep reading what it opened
+                    out[:, col:col + d] = self._read_opened_generation(key, idx, n, dtype)
                 col += d
         return out
+
+    def _read_opened_generation(self, key: str, idx: np.ndarray | None, n: int, dtype) -> np.ndarray:
+        """Rows of the generation this reader opened, from its shard files directly."""
+        meta = self._meta[key]
+        full = np.empty((n, int(meta["dim"])), dtype=dtype)
+        for start, stop, rel in meta.get("shards", []):
+            try:
+                with h5py.File(self.path.parent / rel, "r", locking=self.locking) as f:
+                    full[start:stop] = f["features"][()]
+            except OSError as e:
+                raise CacheError(f"{self.path.parent / rel}: backbone {key!r} was overwritten since this "
+                                 f"cache was opened and its old shards are gone ({e}); open it again") from e
+        return full if idx is None else full[idx]
+
+    def health(self, key: str) -> dict:
+        """complete / incomplete / corrupt, the first problem found, and the last verification.
+
+        corrupt = a shard fails the cheap checks now, or failed its checksum at the last
+        `featstack verify` (and was not re-extracted since)."""
+        self._require_known(key)
+        meta = self._meta[key]
+        verified = self._verified(key)
+        problems = self._shard_problems(key, first=True)
+        problems += [(b["file"], b["reason"]) for b in verified.get("bad", [])]
+        if problems:
+            state = "corrupt"
+        else:
+            state = "complete" if meta.get("complete") else "incomplete"
+        return {"state": state,
+                "problem": f"{self.path.parent / problems[0][0]}: {problems[0][1]}" if problems else None,
+                "verified_utc": verified.get("verified_utc")}
+
+    def _verified(self, key: str) -> dict:
+        gen = self._meta[key].get("generation")
+        p = self.path.parent / gen / VERIFIED_NAME if gen else None
+        try:
+            return json.loads(p.read_text()) if p is not None else {}
+        except (OSError, ValueError):
+            return {}
 
     def summary(self) -> dict:
         """Everything `featstack info` shows, as plain JSON-able data."""
@@ -569,6 +1060,7 @@ class Cache:
                     "fingerprint": m.get("fingerprint"),
                     "complete": bool(m.get("complete")),
                     "missing": m.get("missing"),
+                    **self.health(k),
                     "n_shards": len(m.get("shards", [])),
                     "images_per_second": m.get("images_per_second"),
                     "versions": m.get("versions"),
@@ -576,6 +1068,12 @@ class Cache:
                 for k, m in self._meta.items()
             ],
         }
+
+
+def _same_generation(ds, meta: dict) -> bool:
+    """Whether the index's dataset still maps the generation a reader opened."""
+    return (_decode_attr(ds.attrs.get("generation")) == meta.get("generation")
+            and _decode_attr(ds.attrs.get("fingerprint")) == meta.get("fingerprint"))
 
 
 def _read_rows(ds, idx: np.ndarray | None, n: int, dtype) -> np.ndarray:
@@ -592,6 +1090,41 @@ def _read_rows(ds, idx: np.ndarray | None, n: int, dtype) -> np.ndarray:
     return got.astype(dtype)[np.searchsorted(order, idx)]
 
 
+def verify_cache(path: str | os.PathLike, keys: Sequence[str] | None = None, *,
+                 progress=None) -> dict[str, list[tuple[str, str]]]:
+    """Check every shard of the given backbones (default: all) byte for byte: rows,
+    fingerprint, and the checksum of the feature bytes. Returns {key: [(file, reason), ...]}
+    (empty lists when sound) and records the result beside the shards, for `featstack info`."""
+    cache = Cache(path)
+    keys = list(keys) if keys else cache.all_backbones
+    for k in keys:
+        cache._require_known(k)
+    out = {}
+    for key in keys:
+        meta = cache._meta[key]
+        bad = []
+        for start, stop, rel in meta.get("shards", []):
+            why = shard_problem(cache.path.parent / rel, start, stop, meta["fingerprint"], checksum=True,
+                                locking=cache.locking)
+            if why is not None:
+                bad.append((rel, why))
+            if progress is not None:
+                progress(1)
+        gen = meta.get("generation")
+        rows = int(meta.get("shard_rows") or 0)
+        for lo, hi in meta.get("missing") or []:
+            for s in range(lo, hi, rows or (hi - lo)):
+                e = min(s + (rows or hi - lo), hi)
+                bad.append((os.path.join(gen or "", f"{s}-{e}.h5"), "missing"))
+        out[key] = bad
+        if gen and (cache.path.parent / gen).is_dir():
+            _atomic_write_text(cache.path.parent / gen / VERIFIED_NAME, json.dumps({
+                "verified_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "shards": len(meta.get("shards", [])),
+                "bad": [{"file": f, "reason": r} for f, r in bad if r != "missing"]}))
+    return out
+
+
 def open_cache(path: str | os.PathLike, *, locking: bool | None = None) -> Cache:
     """Open a cache file for reading (see :class:`Cache`)."""
     return Cache(path, locking=locking)
@@ -599,12 +1132,19 @@ def open_cache(path: str | os.PathLike, *, locking: bool | None = None) -> Cache
 
 def write_arrays_cache(path: str | os.PathLike, samples: SampleTable, features: dict,
                        *, dtype: str = "float32", shard_rows: int = DEFAULT_SHARD_ROWS,
-                       metas: dict | None = None) -> Cache:
+                       metas: dict | None = None, check_finite: bool = False) -> Cache:
     """Write precomputed feature matrices as a cache (synthetic benchmarks, imported features).
 
     Goes through the same shard writer as extraction, so the result is an ordinary cache.
+    Non-finite values are stored as given unless ``check_finite`` (extraction always checks;
+    imported features are checked by bench and train when read).
     """
-    writer = CacheWriter(path, samples)
+    with CacheWriter(path, samples, check_finite=check_finite) as writer:
+        _write_arrays(writer, features, dtype, shard_rows, metas)
+    return Cache(path)
+
+
+def _write_arrays(writer: CacheWriter, features: dict, dtype: str, shard_rows: int, metas: dict | None) -> None:
     for key, X in features.items():
         X = np.asarray(X)
         meta = {"key": key, "timm_name": key, "weights_source": "arrays",
@@ -615,4 +1155,3 @@ def write_arrays_cache(path: str | os.PathLike, samples: SampleTable, features: 
         for start, stop in writer.plan_backbone(meta, shard_rows=shard_rows):
             writer.write_shard(key, start, stop, X[start:stop])
     writer.finalize()
-    return Cache(path)

@@ -10,8 +10,8 @@ import sys
 from . import __version__
 from .errors import FeatstackError
 
-COMMANDS = ["run", "extract", "info", "bench", "train", "predict", "evaluate", "export", "finetune", "report",
-            "weights"]
+COMMANDS = ["run", "extract", "info", "verify", "bench", "train", "predict", "evaluate", "export", "finetune",
+            "report", "weights"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,11 +26,13 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields  # noqa: F401  (MISSING: a required setting)
 from typing import Any, Callable, Sequence
 
+from .bounds import INPUT_SIZE_MIN
 from .errors import ConfigError
 
 # One value per shared constant (extract and finetune alike).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_PRECISION = "auto"  # what "auto" means is decided in one place: the device/precision module
+PRECISION_HELP = "autocast precision (auto: fp32 on a CPU; on a GPU bf16 where supported, else fp16)"
 DEFAULT_DEVICE = "auto"
 DEFAULT_SHARD_ROWS = 1024  # rows per shard file: the unit of resume (cache.py re-exports it)
 STORAGE_DTYPES = ("float16", "float32")
@@ -75,7 +77,7 @@ def setting(default: Any = MISSING, help: str = "", *, choices: Sequence[str] | 
             what: str | None = None, minimum: float | None = None, cli: str | None = "option",
             flag: str | None = None, cli_required: bool = False, metavar: str | None = None,
             yaml: str = "section", api: str | None = "", default_text: str | None = None,
-            pairs: bool = False, flags: dict | None = None) -> Any:
+            pairs: bool = False, flags: dict | None = None, parse: Callable[[str], Any] | None = None) -> Any:
     """A stage setting (a dataclass field with the metadata the CLI, YAML and API derive from).
 
     ``choices``: allowed values (for a list, of each element); a callable is read at check time.
@@ -85,11 +87,13 @@ def setting(default: Any = MISSING, help: str = "", *, choices: Sequence[str] | 
     "backbone:KEY", "wired:WHAT" (set by the pipeline) or "none:WHY". ``api``: the keyword of the
     stage function ("" = the field name, None = not passed). ``pairs``: a repeatable KEY=VALUE
     option (a dict). ``flags``: a mutually exclusive pair of switches ``{"--a": True, "--b": False}``
-    with their help texts under ``flags_help``.
+    with their help texts. ``parse``: turns a command-line (or YAML string) value into the field's
+    value, raising ValueError with a short reason (e.g. "auto" → None).
     """
     meta = {"help": help, "choices": choices, "what": what, "minimum": minimum, "cli": cli, "flag": flag,
             "cli_required": cli_required, "metavar": metavar, "yaml": yaml, "api": api,
-            "default_text": default_text, "pairs": pairs, "flags": flags}
+            "default_text": default_text, "pairs": pairs, "flags": flags,
+            "parse": parse}
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -293,11 +297,23 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if s.meta["pairs"]:
             action = parser.add_argument(s.flag, action="append", default=[], **kw)
         else:
-            scalar = next((t for t in s.types if t in (int, float)), str) if list not in s.types else str
+            scalar = s.meta["parse"] and _cli_parser(s) or (
+                next((t for t in s.types if t in (int, float)), str) if list not in s.types else str)
             action = parser.add_argument(s.flag, type=scalar, default=None if s.required else _cli_default(s),
                                          required=s.required or s.meta["cli_required"], **kw)
         if callable(static):
             action.lazy_choices = static
+
+
+def _cli_parser(s: Setting) -> Callable[[str], Any]:
+    """An argparse ``type`` from the field's ``parse`` (argparse prints the reason, exit 2)."""
+    def convert(text: str) -> Any:
+        try:
+            return s.meta["parse"](text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    convert.__name__ = s.name
+    return convert
 
 
 def _cli_default(s: Setting) -> Any:
@@ -406,12 +422,12 @@ class ExtractConfig:
                                               "file (repeatable; part of the fingerprint)", pairs=True,
                                           metavar="KEY=JSON|FILE", yaml="backbone:data_config", api="data_configs",
                                           default_text="none")
-    input_size: int | None = setting(None, "override every backbone's square input size", minimum=1,
+    input_size: int | None = setting(None, "override every backbone's square input size (16 to 2048 unless "
+                                           "--max-input-size raises it)", minimum=INPUT_SIZE_MIN,
                                      default_text="each model's own")
     seed: int = setting(0, "seed of random-init weights (--weights none)", yaml="top:seed")
     device: str = setting(DEFAULT_DEVICE, "auto (cuda if available), cpu, cuda, cuda:N")
-    precision: str = setting(DEFAULT_PRECISION, "autocast precision (auto: reduced precision on a GPU, fp32 "
-                                                "on a CPU)", choices=PRECISIONS)
+    precision: str = setting(DEFAULT_PRECISION, PRECISION_HELP, choices=PRECISIONS)
     batch_size: int = setting(64, "images per forward pass", minimum=1)
     workers: int | None = setting(None, "image decoding processes", minimum=0,
                                   default_text="on a GPU, up to 8 per rank; on a CPU, one per 8 cores, the "
@@ -430,7 +446,18 @@ class ExtractConfig:
     shard_rows: int = setting(DEFAULT_SHARD_ROWS, "rows per shard file (the unit of resume)", minimum=1)
     compression: str | None = setting(None, "HDF5 compression of shards", choices=COMPRESSIONS,
                                       default_text="none")
-    overwrite: bool = setting(False, "replace a backbone cached with a different fingerprint")
+    overwrite: bool = setting(False, "replace a backbone cached with a different fingerprint (written as a new "
+                                     "generation, switched in when complete; readers of the old one keep it)")
+    max_input_size: int | None = setting(None, "largest --input-size accepted", minimum=16,
+                                         default_text="2048, or $FEATSTACK_MAX_INPUT_SIZE")
+    repair: bool = setting(False, "verify every existing shard's checksum and extract the bad or missing "
+                                  "ones again")
+    refresh: bool = setting(False, "extract again the rows whose input files changed (size or mtime) since "
+                                   "they were extracted, for every cached backbone; without it such a run is "
+                                   "refused", yaml="wired:always on in featstack run")
+    wait: bool = setting(False, "wait for another writer of the same backbones to finish instead of failing")
+    lock: bool = setting(True, "per-backbone write lock (off: file systems without flock; run one writer "
+                               "at a time yourself; same as FEATSTACK_NO_LOCK=1)", flag="--no-lock")
     progress: bool = setting(True, "progress bar")
 
 
@@ -453,7 +480,7 @@ class BenchConfig:
     seed: int = setting(0, "seed of the folds and heads", api="random_state")
     tune: bool = setting(False, "choose each head's regularisation by inner CV on the training rows")
     out: str | None = setting(None, "output folder", default_text="runs/<cache name>", yaml="top:out")
-    backend: str = setting("loky", "joblib backend (dask: a dask.distributed cluster, needs featstack[dask])",
+    backend: str | None = setting("loky", "joblib backend (dask: a dask.distributed cluster, needs featstack[dask])",
                            choices=BENCH_BACKENDS)
     scheduler: str | None = setting(None, "dask scheduler address, e.g. tcp://host:8786",
                                     default_text="$DASK_SCHEDULER_ADDRESS, else a local cluster with --n-jobs "
@@ -478,7 +505,7 @@ class TrainConfig:
                          yaml="top:cache")
     backbones: list[str] | None = setting(None, "comma-separated backbone keys, in column order",
                                           cli_required=True, default_text="in a pipeline: the bench's best")
-    head: str = setting("logreg", "head name", choices=head_names, what="head")
+    head: str | None = setting("logreg", "head name", choices=head_names, what="head")
     fusion: str | None = setting(None, "how to combine backbones", choices=fusion_names, what="fusion",
                                  default_text="single for one backbone, concat otherwise")
     out: str | None = setting(None, "model folder to write (e.g. models/m)", cli_required=True,
@@ -553,8 +580,7 @@ class FinetuneConfig:
                                  "decay", minimum=0)
     batch_size: int = setting(32, "images per step", minimum=1)
     device: str = setting(DEFAULT_DEVICE, "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    precision: str = setting(DEFAULT_PRECISION, "autocast precision (auto: reduced precision on a GPU, fp32 "
-                                                "on a CPU)", choices=PRECISIONS)
+    precision: str = setting(DEFAULT_PRECISION, PRECISION_HELP, choices=PRECISIONS)
     val_fraction: float = setting(0.1, "held-out part of train when the data has no val split", minimum=0)
     bn: str = setting("frozen", "BatchNorm statistics: frozen (every BatchNorm keeps the statistics the head "
                                 "was fitted on) or train (trainable groups update theirs)", choices=BN_MODES)

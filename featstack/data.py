@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -39,15 +40,16 @@ class ImageDecodeError(Exception):
     """One sample could not be turned into an image: recorded in the cache's error table."""
 
 
-def decode_image(path: str | os.PathLike) -> np.ndarray:
+def decode_image(path: str | os.PathLike, data: bytes | None = None) -> np.ndarray:
     """Read an image file into an (H, W, 3) uint8 array the way photos are meant to be seen.
 
     EXIF orientation is applied; grayscale, palette, CMYK and 16-bit modes become RGB; alpha is
     composited on white (what a viewer shows) rather than dropped to black. A truncated file is
-    an error, not a half-grey image: ``img.load()`` forces the full decode here.
+    an error, not a half-grey image: ``img.load()`` forces the full decode here. ``data``: the
+    file's bytes when already read (``path`` then only names it in errors).
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb_array(img)
@@ -103,12 +105,38 @@ class FileSource(Source):
         return decode_image(self.paths[row])
 
 
-def _file_content_key(path: Path) -> str:
-    """Cheap content key for the dataset fingerprint: the size, or 'missing'."""
+def file_stat(path: str | os.PathLike) -> tuple[int, int]:
+    """(size, mtime in ns) of an input file, (-1, -1) when it cannot be read. Recorded per row
+    with the features, compared on every re-run to notice replaced or edited images."""
     try:
-        return str(path.stat().st_size)
+        st = os.stat(path)
     except OSError:
-        return "missing"
+        return -1, -1
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def content_hash(data: bytes) -> int:
+    """64-bit blake2b of an input's bytes (as a signed int64, to be stored as one)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def read_input(path: str | os.PathLike) -> tuple[bytes, tuple[int, int, int]]:
+    """An input file's bytes and its record (size, mtime_ns, content hash), from one read:
+    the size and mtime are those of the file the bytes came from (fstat of the open file)."""
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            data = fh.read()
+    except FileNotFoundError as e:
+        raise ImageDecodeError(f"file not found: {path}") from e
+    except OSError as e:
+        raise ImageDecodeError(f"cannot read {path}: {e.strerror or e}") from e
+    return data, (int(st.st_size), int(st.st_mtime_ns), content_hash(data))
+
+
+def _file_stats(paths: Sequence[Path]) -> tuple[list, list]:
+    stats = [file_stat(p) for p in paths]
+    return [s for s, _ in stats], [m for _, m in stats]
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -150,7 +178,8 @@ class ImageFolderSource(FileSource):
         if not paths:
             raise DataError(f"{root}: class folders {classes} hold no image files "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
-        samples = SampleTable(ids, labels, splits, classes, content=[_file_content_key(p) for p in paths])
+        sizes, mtimes = _file_stats(paths)
+        samples = SampleTable(ids, labels, splits, classes, sizes=sizes, mtimes=mtimes)
         super().__init__(paths, samples, f"image folder {root}")
 
     def _init_loose(self, root: Path) -> None:
@@ -160,8 +189,9 @@ class ImageFolderSource(FileSource):
         if not files:
             raise DataError(f"{root}: no class subfolders and no image files found (expected "
                             f"{root}/<class>/<image>, {root}/train/<class>/<image>, or images in {root})")
+        sizes, mtimes = _file_stats(files)
         samples = SampleTable([f.name for f in files], [-1] * len(files), [UNLABELLED] * len(files), [],
-                              content=[_file_content_key(f) for f in files])
+                              sizes=sizes, mtimes=mtimes)
         FileSource.__init__(self, files, samples, f"image folder {root} (unlabelled)")
 
 
@@ -206,12 +236,34 @@ def _manifest_split(rec: dict, label: str) -> str:
     return UNLABELLED if not label and split == "train" else split
 
 
+UNLABELLED_VALUES = ("", "-1")  # with null: a sample without a label
+
+
+def label_name(value, where: str) -> str:
+    """The class name of a manifest label: numbers normalised (``1`` == ``1.0`` == ``"1"``), so
+    one value is one class whatever way it was written; "" for unlabelled (empty, null, -1)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: 'label' must be a string or a number, got {type(value).__name__} {value!r}")
+    text = str(value).strip()
+    try:
+        num = float(text)
+    except ValueError:
+        return text
+    if num != num or num in (float("inf"), float("-inf")):
+        raise DataError(f"{where}: 'label' {text!r} is not a class")
+    text = str(int(num)) if num.is_integer() else repr(num)
+    return "" if text in UNLABELLED_VALUES else text
+
+
 class ManifestSource(FileSource):
     """CSV or JSONL manifest: ``path``, optional ``label`` (class name), ``split`` and ``id``.
 
-    Relative paths are resolved against the manifest's folder. A missing or empty label means
-    unlabelled (-1, split "unlabelled"). A missing image file is not an error here: it is
-    recorded when extraction reaches it.
+    Relative paths are resolved against the manifest's folder. A missing, empty, null or -1 label
+    means unlabelled (-1, split "unlabelled" unless the row names val or test); numeric labels
+    are one class per value (see :func:`label_name`). A missing image file is not an error here:
+    it is recorded when extraction reaches it.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -224,13 +276,16 @@ class ManifestSource(FileSource):
         for lineno, rec in records:
             if "path" not in rec:
                 raise DataError(f"{path}, line {lineno}: missing field 'path'")
-            if not str(rec["path"]).strip():
+            if not isinstance(rec["path"], str):
+                raise DataError(f"{path}, line {lineno}: 'path' must be a string, got "
+                                f"{type(rec['path']).__name__} {rec['path']!r}")
+            if not rec["path"].strip():
                 raise DataError(f"{path}, line {lineno}: empty 'path'")
             split = str(rec.get("split") or "train").strip()
             if split not in SPLITS:
                 raise DataError(f"{path}, line {lineno}: unknown split {split!r} "
                                 f"(splits are {', '.join(SPLITS)})")
-        label_names = [("" if rec.get("label") is None else str(rec["label"]).strip()) for _, rec in records]
+        label_names = [label_name(rec.get("label"), f"{path}, line {lineno}") for lineno, rec in records]
         classes = sorted({name for name in label_names if name})
         index = {c: i for i, c in enumerate(classes)}
         base = path.parent
@@ -245,7 +300,7 @@ class ManifestSource(FileSource):
         samples = SampleTable(
             ids, [index.get(name, -1) for name in label_names],
             [_manifest_split(rec, name) for (_, rec), name in zip(records, label_names)], classes,
-            content=[_file_content_key(f) for f in files])
+            sizes=_file_stats(files)[0], mtimes=_file_stats(files)[1])
         super().__init__(files, samples, f"manifest {path}")
 
 

@@ -37,7 +37,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -45,20 +44,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .backbones import BackboneSpec, LoadedBackbone, build_backbone, resolve_backbone, split_key
-from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text
-from .data import FileSource, ImageDecodeError, Source, open_source
+from .bounds import check_input_size, check_int, check_seed
+from .cache import DEFAULT_SHARD_ROWS, CacheWriter, _atomic_write_text, _some
 from .config import DECODE_MODES, PRECISIONS, STORAGE_DTYPES  # noqa: F401 - defined once, with the settings
+from .data import FileSource, ImageDecodeError, Source, decode_image, open_source, read_input
 from .device import autocast_context, resolve_device, resolve_precision  # noqa: F401 - re-exported
 from .distributed import all_sum, barrier, local_world_size
-from .errors import ConfigError
+from .errors import CacheMismatchError, ConfigError
 from .preprocess import (DEVICE_FILTERS, PREPROCESS_MODES, PREPROCESS_VERSION, Normalizer, decode_for,
                          gpu_jpeg_decode_available, images_from_jpeg_bytes, is_plain_jpeg, recipes_for,
                          reference_transform, render_all)
+
+
+class InputsChangedError(CacheMismatchError):
+    """Input files changed since their features were extracted (and no --refresh)."""
+
 
 # Device types on which decode="gpu" (batched torchvision.io.decode_jpeg on the extraction
 # device) is allowed. Only CUDA makes sense for users; tests add "cpu" to run the same path.
 _DEVICE_DECODE_TYPES = ("cuda",)
 _JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
+NO_INPUT = (-1, -1, 0)  # input record of a file that could not be read: (size, mtime_ns, hash)
 
 
 @dataclass
@@ -220,34 +226,35 @@ class _DecodeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _inputs(self, row: int):
-        if self.paths is None or self.ref_configs:  # full decode: the reference path needs it
+    def _inputs(self, row: int, data: bytes | None):
+        """The row's pixels for every backbone (or its plain-JPEG bytes for device decoding);
+        ``data`` = the file's bytes, read once by :meth:`__getitem__` (None: not a file)."""
+        if data is None or self.ref_configs:  # full decode: the reference path needs it
             from PIL import Image
 
             if self._ref is None:
                 self._ref = {k: reference_transform(c) for k, c in self.ref_configs.items()}
-            img = Image.fromarray(self.source.load(row))
+            arr = self.source.load(row) if data is None else decode_image(self.paths[row], data=data)
+            img = Image.fromarray(arr)
             return dict(render_all(img, self.recipes), **{k: t(img) for k, t in self._ref.items()})
-        path = self.paths[row]
-        if self.decode != "gpu":
-            return decode_for(path, self.recipes)
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError as e:
-            raise ImageDecodeError(f"file not found: {path}") from e
-        if is_plain_jpeg(data):
+        if self.decode == "gpu" and is_plain_jpeg(data):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return decode_for(data, self.recipes, name=path)
+        return decode_for(data, self.recipes, name=self.paths[row])
 
     def __getitem__(self, row: int):
+        """(row, payload, error message or None, input record (size, mtime_ns, hash) or None)."""
         row = int(row)
+        inp = NO_INPUT if self.paths is not None else None
         try:
-            inputs = self._inputs(row)
+            data = None
+            if self.paths is not None:  # one read: decoded, and hashed for change detection
+                data, inp = read_input(self.paths[row])
+            inputs = self._inputs(row, data)
         except ImageDecodeError as e:
-            return row, None, str(e)
+            return row, None, str(e), inp
         except Exception as e:  # noqa: BLE001 - one bad input never kills the run
-            return row, None, f"{self.source.samples.ids[row]}: {type(e).__name__}: {e}"
-        return row, (inputs if isinstance(inputs, torch.Tensor) else _tensors(inputs)), None
+            return row, None, f"{self.source.samples.ids[row]}: {type(e).__name__}: {e}", inp
+        return row, (inputs if isinstance(inputs, torch.Tensor) else _tensors(inputs)), None, inp
 
 
 def _placeholder(recipes: dict, ref_configs: dict) -> dict:
@@ -274,15 +281,16 @@ class _Collate:
     def __call__(self, items):
         rows = np.asarray([it[0] for it in items], dtype=np.int64)
         errors = [(it[0], it[2]) for it in items if it[2] is not None]
+        inputs = np.asarray([it[3] for it in items], dtype=np.int64) if items[0][3] is not None else None
         pay = [it[1] if it[1] is not None else _placeholder(self.recipes, self.ref_configs) for it in items]
         if self.decode != "gpu":
-            return rows, _stack(pay, self.keys), errors
+            return rows, _stack(pay, self.keys), errors, inputs
         px_pos = [i for i, p in enumerate(pay) if isinstance(p, dict)]
         jp_pos = [i for i, p in enumerate(pay) if not isinstance(p, dict)]
         pixels = _stack([pay[i] for i in px_pos], self.keys) if px_pos else None
         data = torch.cat([pay[i] for i in jp_pos]) if jp_pos else None
         offsets = np.concatenate([[0], np.cumsum([len(pay[i]) for i in jp_pos])]).astype(int).tolist()
-        return rows, _RawBatch(len(pay), pixels, px_pos, data, offsets, jp_pos), errors
+        return rows, _RawBatch(len(pay), pixels, px_pos, data, offsets, jp_pos), errors, inputs
 
 
 class _ShardBatchSampler(Sampler):
@@ -451,6 +459,7 @@ class _ShardAssembler:
         self.cur: tuple[int, int] | None = None
         self.buffers: dict = {}
         self.errors: list = []
+        self.inputs: np.ndarray | None = None
         self.filled = 0
         self.max_open_rows = 0  # instrumentation: rows held in open shard buffers, at most
 
@@ -459,7 +468,7 @@ class _ShardAssembler:
         assert shard[0] <= row < shard[1]
         return shard
 
-    def add(self, rows: np.ndarray, outs: dict, errors: list) -> None:
+    def add(self, rows: np.ndarray, outs: dict, errors: list, inputs: np.ndarray | None = None) -> None:
         shard = self.shard_of(int(rows[0]))
         start, stop = shard
         if shard != self.cur:
@@ -467,9 +476,12 @@ class _ShardAssembler:
                 raise RuntimeError(f"shard {self.cur} left incomplete before {shard}")
             self.cur, self.filled, self.errors = shard, 0, []
             self.buffers = {k: np.empty((stop - start, self.dims[k]), dtype=np.float32) for k in self.todo[shard]}
+            self.inputs = None if inputs is None else np.tile(np.asarray(NO_INPUT, np.int64), (stop - start, 1))
             self.max_open_rows = max(self.max_open_rows, sum(len(b) for b in self.buffers.values()))
         for key, arr in outs.items():
             self.buffers[key][rows - start] = arr
+        if self.inputs is not None and inputs is not None:
+            self.inputs[rows - start] = inputs
         self.errors.extend(errors)
         self.filled += len(rows)
         if self.filled == stop - start:
@@ -478,7 +490,7 @@ class _ShardAssembler:
             for key, buf in self.buffers.items():
                 if err_rows:
                     buf[np.asarray(err_rows) - start] = np.nan
-                self.sink.submit(key, start, stop, buf, err_rows, msgs)
+                self.sink.submit(key, start, stop, buf, err_rows, msgs, self.inputs)
                 self.result.shards_written += 1
             self.cur, self.buffers, self.errors = None, {}, []
 
@@ -527,6 +539,11 @@ def extract(
     shard_rows: int = DEFAULT_SHARD_ROWS,
     compression: str | None = None,
     overwrite: bool = False,
+    repair: bool = False,
+    refresh: bool = False,
+    max_input_size: int | None = None,
+    lock: bool = True,
+    wait: bool = False,
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
@@ -538,11 +555,20 @@ def extract(
     existing cache extracts only that backbone. With ``world_size > 1`` this process handles a
     contiguous block of the missing shards (see :mod:`featstack.distributed`).
 
+    One writer per (cache, backbone): the backbones' write locks are taken before planning
+    (``wait`` waits for a running writer instead of failing; ``lock=False`` or
+    ``FEATSTACK_NO_LOCK=1`` turns locking off, see :mod:`featstack.locks`). ``overwrite``
+    writes a new generation, switched in when complete; ``repair`` verifies every existing
+    shard's checksum and extracts the bad ones again. Input files changed since their rows were
+    extracted (size or mtime differ from what the shards recorded) are refused, unless
+    ``refresh``: then their shards are extracted again for every cached backbone.
+
     ``decode``: auto | cpu | gpu (batched nvjpeg on the CUDA device). ``compile``: True for
     ``torch.compile`` (inductor), or a ``torch.compile`` backend (name or callable). ``threads``: torch intra-op threads while
     extracting on a CPU (default: the cores left after the decode workers).
     """
     t0 = time.perf_counter()
+    _check_bounds(input_size, max_input_size, seed, batch_size, shard_rows, workers, threads)
     if preprocess not in PREPROCESS_MODES:
         raise ConfigError(f"--preprocess {preprocess!r}: choose one of {', '.join(PREPROCESS_MODES)}")
     if dtype not in STORAGE_DTYPES:
@@ -586,10 +612,60 @@ def extract(
     workers, threads = resolve_parallelism(dev, workers_arg, threads_arg, decode_on)
 
     # 2. the cache: same dataset, same fingerprints (or --overwrite), shards still missing
-    writer = CacheWriter(cache_path, source.samples)
-    if rank != 0:  # rank 0 registers (or --overwrite-deletes) backbones before the others look
+    writer = CacheWriter(cache_path, source.samples, lock=lock, wait=wait, follower=rank != 0, say=_say)
+    try:
+        return _extract_locked(writer, source, loaded, recipes, keys, t0, preprocess=preprocess, dtype=dtype,
+                               decode_on=decode_on, shard_rows=shard_rows, overwrite=overwrite,
+                               repair=repair, refresh=refresh, rank=rank, world_size=world_size, dev=dev, prec=prec,
+                               workers=workers, threads=threads, batch_size=batch_size,
+                               compression=compression, progress=progress, compile=compile,
+                               channels_last=channels_last, finalize=finalize)
+    finally:
+        writer.release()
+
+
+def _check_bounds(input_size, max_input_size, seed, batch_size, shard_rows, workers, threads) -> None:
+    """Every number checked before a model is built or an image read (see :mod:`featstack.bounds`)."""
+    check_input_size(input_size, limit=max_input_size)
+    check_seed(seed)
+    check_int(batch_size, "--batch-size", 1)
+    check_int(shard_rows, "--shard-rows", 1)
+    if workers is not None:
+        check_int(workers, "--workers", 0)
+    if threads is not None:
+        check_int(threads, "--threads", 1)
+
+
+def _check_inputs(writer: CacheWriter, keys: list, refresh: bool) -> None:
+    """Changed input files are re-extracted (``refresh``) or refused; never silently kept."""
+    stale, changed = writer.input_changes()
+    if not changed:
+        return
+    ids = _some(writer.samples.ids[changed].tolist())
+    if not refresh:
+        raise InputsChangedError(
+            f"{writer.path}: {len(changed)} input files changed since they were extracted ({ids}); "
+            "pass --refresh to extract their rows again for every cached backbone")
+    writer.refresh(stale)
+    _say(f"refresh: {len(changed)} input files changed ({ids}); extracting their rows again")
+    for key in sorted(set(stale) - set(keys)):
+        _say(f"refresh: backbone {key!r} is not in this run: its {len(stale[key])} stale shards were "
+             f"removed; extract it again (--backbones {key}) to complete it")
+
+
+def _extract_locked(writer: CacheWriter, source: Source, loaded: dict, recipes: dict, keys: list, t0: float, *,
+                    preprocess,
+                    dtype, decode_on, shard_rows, overwrite, repair, refresh, rank, world_size, dev, prec, workers,
+                    threads, batch_size, compression, progress, compile, channels_last,
+                    finalize) -> ExtractResult:
+    """Steps 2-4 of :func:`extract`, with the backbones' write locks held (rank 0) until the
+    index is built."""
+    if rank == 0:
+        writer.lock_backbones(keys)
+        _check_inputs(writer, keys, refresh)
+    else:  # rank 0 locks and registers (or starts new generations of) backbones before the others look
         barrier()
-    existing_rows = [m["shard_rows"] for m in (writer.read_backbone_meta(k) for k in _cached_keys(writer)) if m]
+    existing_rows = [m["shard_rows"] for m in (writer.read_backbone_meta(k) for k in writer.cached_keys()) if m]
     rows_per_shard = existing_rows[0] if existing_rows else shard_rows
     todo: dict[tuple[int, int], list[str]] = {}
     n_total_shards = 0
@@ -600,7 +676,7 @@ def extract(
                     decode=decode_on)
         if key in recipes:  # the fast path's pixels changed with its versions: never mix them
             meta["preprocess_version"] = PREPROCESS_VERSION
-        missing = writer.plan_backbone(meta, shard_rows=rows_per_shard, overwrite=overwrite)
+        missing = writer.plan_backbone(meta, shard_rows=rows_per_shard, overwrite=overwrite, repair=repair)
         n_total_shards += -(-len(source) // rows_per_shard)
         for r in missing:
             todo.setdefault(r, []).append(key)
@@ -608,9 +684,9 @@ def extract(
         barrier()
     shards = sorted(todo)
     work = _rank_slice(shards, rank, world_size, weights=[(e - s) * len(todo[(s, e)]) for s, e in shards])
-    result = ExtractResult(cache_path=str(cache_path), n_samples=len(source), device=str(dev), precision=prec,
+    result = ExtractResult(cache_path=str(writer.path), n_samples=len(source), device=str(dev), precision=prec,
                            decode=decode_on, workers=workers, threads=threads,
-                           random_init=[s.key for s in specs if s.random_init])
+                           random_init=[k for k, lb in loaded.items() if lb.spec.random_init])
     result.shards_skipped = n_total_shards - sum(len(v) for v in todo.values())
 
     devname = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (no CUDA device available)" \
@@ -643,23 +719,13 @@ def extract(
     return result
 
 
-def _cached_keys(writer: CacheWriter) -> list[str]:
-    if not writer.root.is_dir():
-        return []
-    keys = []
-    for d in sorted(writer.root.iterdir()):
-        bj = d / "backbone.json"
-        if bj.exists():
-            keys.append(json.loads(bj.read_text())["key"])
-    return keys
-
-
 class _Pending(NamedTuple):
     rows: np.ndarray
     outs: dict      # key -> float32 host tensor (being copied asynchronously on CUDA)
     errors: list
     done: object    # torch.cuda.Event or None
     timing: dict    # key -> seconds (float) or (start, end) CUDA events
+    inputs: np.ndarray | None  # (B, 3) size, mtime_ns, content hash of the files read
 
 
 def _make_loader(source, work, recipes, ref_configs, decode_on, batch_size, workers, dev):
@@ -705,7 +771,7 @@ def _run(source, loaded, recipes, work, todo, writer, dev, prec, batch_size, wor
             if t is not None:  # None: a compiling first call, not a measure of throughput
                 fwd_seconds[key] += t[0].elapsed_time(t[1]) / 1000.0 if isinstance(t, tuple) else t
                 fwd_rows[key] += len(p.rows)
-        assembler.add(p.rows, outs, p.errors)
+        assembler.add(p.rows, outs, p.errors, p.inputs)
         result.rows_processed += len(p.rows)
         result.errors += len(p.errors)
         bar.update(len(p.rows))
@@ -714,7 +780,7 @@ def _run(source, loaded, recipes, work, todo, writer, dev, prec, batch_size, wor
 
     pending: _Pending | None = None
     try:
-        for batch_rows, batch, errors in loader:
+        for batch_rows, batch, errors, inputs in loader:
             shard = assembler.shard_of(int(batch_rows[0]))
             x_dev = _to_device_batch(batch, batch_rows, errors, dev, recipes, source)
             outs, timing = {}, {}
@@ -747,7 +813,7 @@ def _run(source, loaded, recipes, work, todo, writer, dev, prec, batch_size, wor
             # Retire the previous batch only now: on a GPU, this batch is already queued.
             if pending is not None:
                 retire(pending)
-            pending = _Pending(batch_rows, outs, errors, done, timing)
+            pending = _Pending(batch_rows, outs, errors, done, timing, inputs)
         if pending is not None:
             retire(pending)
             pending = None
@@ -763,6 +829,6 @@ def _write_stats(writer: CacheWriter, result: ExtractResult) -> None:
     """Keep the latest measured forward throughput per backbone (shown by info and reports)."""
     for key, ips in result.images_per_second.items():
         if ips:
-            _atomic_write_text(writer.backbone_dir(key) / "stats.json",
+            _atomic_write_text(writer.generation(key) / "stats.json",
                                json.dumps({"images_per_second": ips, "device": result.device,
                                            "precision": result.precision}))

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .bounds import check_key
 from .config import (STAGES, BackboneConfig, ExtractConfig, PipelineConfig, api_kwargs, default_fusion, problem, settings,
                      type_names, type_ok)
 from .errors import ConfigError, FeatstackError
@@ -32,8 +33,9 @@ from .errors import ConfigError, FeatstackError
 _SECTIONS = ("extract", "bench", "train", "export", "finetune")
 
 
-def _schema(cls, place: str = "section") -> dict[str, tuple[tuple, Any]]:
-    return {s.name: (s.types, None if s.required else s.default)
+def _schema(cls, place: str = "section") -> dict[str, tuple]:
+    """key → (allowed types, default[, parse]) of the fields of ``cls`` that live at ``place``."""
+    return {s.name: (s.types, None if s.required else s.default, s.meta["parse"])
             for s in settings(cls) if s.yaml_place[0] == place}
 
 
@@ -111,13 +113,19 @@ def _check_keys(values: dict, schema: dict, path: Path, prefix: str, lines: dict
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             known = ", ".join(schema)
             raise ConfigError(f"{path}, line {line}: unknown key {dotted!r}{hint}; known keys: {known}")
-        types, _ = schema[k]
+        types, _, parse = (*schema[k], None)[:3]
+        if parse and isinstance(v, str) and str not in types:  # e.g. weight_decay: auto
+            try:
+                v = parse(v)
+            except ValueError as e:
+                raise ConfigError(f"{path}, line {line}: {dotted}: {v!r}: {e}") from None
         if not type_ok(v, types):
             raise ConfigError(f"{path}, line {line}: {dotted} must be {type_names(types)}, "
                               f"got {type(v).__name__} {v!r}")
+        check_key(dotted, v, f"{path}, line {line}: {dotted}")
         out[k] = v
-    for k, (_, default) in schema.items():
-        out.setdefault(k, default)
+    for k, spec in schema.items():
+        out.setdefault(k, spec[1])
     return out
 
 
@@ -135,7 +143,11 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{path}: a pipeline file is a mapping of keys (data, backbones, ...)")
     lines: dict[str, int] = {}
-    raw = _convert(root, path, "", lines)
+    try:
+        raw = _convert(root, path, "", lines)
+    except RecursionError:
+        raise ConfigError(f"{path}: a YAML alias refers to itself (e.g. `a: &x [*x]`); "
+                          "pipeline values cannot be recursive") from None
     top = _check_keys(raw, _TOP_KEYS, path, "", lines)
     for required in ("data", "backbones"):
         if top[required] is None:
@@ -245,7 +257,7 @@ def _check_names(p: Pipeline) -> None:
         backbones_ok("bench.backbones", bench.backbones)
     train = p.stages["train"]
     if train is not None:
-        if train.model == "named" or "train.head" in p.lines:
+        if train.model == "named" or ("train.head" in p.lines and train.head):
             train.model = "named"
             for k in ("backbones", "head"):
                 if not getattr(train, k) or f"train.{k}" not in p.lines:
@@ -309,6 +321,13 @@ def _cached_backbone_valid(cache, spec, ex: ExtractConfig, dataset_fp: str) -> b
             and all(meta.get(f) == getattr(ex, f) for f in settings))
 
 
+def _inputs_changed(cache_path, source) -> bool:
+    """Whether input files changed since their rows were extracted (stats only, nothing read)."""
+    from .cache import CacheWriter
+
+    return bool(CacheWriter(cache_path, source.samples).input_changes()[1])
+
+
 def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
     from .cache import open_cache
     from .data import open_source
@@ -322,6 +341,8 @@ def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
             cache = open_cache(p.cache)
             fp = source.samples.fingerprint()
             todo = [s for s in specs if not _cached_backbone_valid(cache, s, ex, fp)]
+            if _inputs_changed(p.cache, source):
+                todo = specs  # refresh (the default here) re-extracts their rows for every backbone
         except FeatstackError:
             todo = specs
     if not todo:
@@ -331,8 +352,9 @@ def _stage_extract(p: Pipeline, res: PipelineResult) -> None:
     from .extract import extract  # torch: only when something is extracted
 
     Path(p.cache).parent.mkdir(parents=True, exist_ok=True)
-    # the specs carry the backbone settings (weights, weights files, input size, seed)
-    extract(source, todo, p.cache, **api_kwargs(ex, skip=_SPEC_FIELDS))
+    # the specs carry the backbone settings (weights, weights files, input size, seed); changed
+    # inputs are always refreshed here
+    extract(source, todo, p.cache, **api_kwargs(ex, skip=(*_SPEC_FIELDS, "refresh")), refresh=True)
     res.stages["extract"] = "ran"
 
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +53,31 @@ def write_image_folder(root: Path, *, classes=("cat", "dog", "fox"), per_class: 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "photos")
+
+
+def wait_until(cond, *, what: str, timeout: float = 180.0, proc: subprocess.Popen | None = None,
+               poll: float = 0.02) -> None:
+    """Wait for ``cond()`` to become true: no fixed sleep that guesses how long work takes.
+
+    Fails at once when ``proc`` exits before the condition holds (its stderr tail is shown),
+    and after ``timeout`` seconds otherwise."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read()[-2000:] if proc.stderr is not None else ""
+            raise AssertionError(f"process exited with {proc.returncode} before {what}: {err}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        tick.wait(poll)
+
+
+def shard_files(cache: Path, key: str) -> list[Path]:
+    """The finished shard files of a backbone's current generation (none before it exists)."""
+    from featstack.cache import generation_dir
+
+    try:
+        gen = generation_dir(cache, key)
+    except Exception:  # noqa: BLE001 - a pointer being replaced: seen as "not yet"
+        return []
+    return sorted(gen.glob("*-*.h5")) if gen is not None and gen.is_dir() else []

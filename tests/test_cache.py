@@ -7,7 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from featstack.cache import CacheWriter, SampleTable, build_index, open_cache, shard_root, write_arrays_cache
+from featstack.cache import (CacheWriter, SampleTable, build_index, generation_dir, open_cache, shard_root,
+                             write_arrays_cache)
 from featstack.errors import CacheError, CacheMismatchError, DataError
 
 
@@ -49,7 +50,7 @@ def test_round_trip_property(tmp_path_factory, n, dims, shard_rows, dtype, seed)
 def test_missing_shard_is_an_error_not_nans(tmp_path):
     path = tmp_path / "x.h5"
     write_arrays_cache(path, _samples(20), {"a": np.ones((20, 4))}, shard_rows=8)
-    shard = shard_root(path) / "a" / "8-16.h5"
+    shard = generation_dir(path, "a") / "8-16.h5"
     shard.unlink()
     with pytest.raises(CacheError, match="8-16.h5"):
         open_cache(path).features("a")
@@ -80,7 +81,7 @@ def test_backbone_fingerprint_mismatch_refused_unless_overwrite(tmp_path):
             "preprocess": "arrays", "dtype": "float32", "dim": 2}
     with pytest.raises(CacheMismatchError, match="'a'.*weights_sha256"):
         w.plan_backbone(meta)
-    assert len(list((shard_root(path) / "a").glob("*.h5"))) == 3  # nothing lost
+    assert len(list((generation_dir(path, "a")).glob("*.h5"))) == 3  # nothing lost
     assert w.plan_backbone(meta, overwrite=True, shard_rows=4) == [(0, 4), (4, 8), (8, 10)]
 
 
@@ -88,7 +89,7 @@ def test_resume_plans_only_missing_shards(tmp_path):
     path = tmp_path / "x.h5"
     s = _samples(10)
     write_arrays_cache(path, s, {"a": np.ones((10, 2))}, shard_rows=4)
-    (shard_root(path) / "a" / "4-8.h5").unlink()
+    (generation_dir(path, "a") / "4-8.h5").unlink()
     w = CacheWriter(path, s)
     meta = open_cache(path).backbone_info("a")
     # a different requested shard size is ignored: the existing layout wins
@@ -110,7 +111,7 @@ def test_shard_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         w.write_shard("a", 0, 4, np.zeros((4, 2)))
     monkeypatch.undo()
-    assert not list((shard_root(path) / "a").glob("0-4.h5*"))
+    assert not list((generation_dir(path, "a")).glob("0-4.h5*"))
     assert w.plan_backbone(meta, shard_rows=4) == [(0, 4), (4, 8)]
 
 

@@ -189,6 +189,10 @@ def test_cli_values_are_checked_before_any_work(argv, message, capsys, tmp_path,
     assert not any(tmp_path.iterdir())
 
 
+def _number_or_auto(text: str) -> float | None:
+    return None if text == "auto" else float(text)
+
+
 def test_a_new_field_becomes_an_option_and_a_key():
     """The mechanism on a made-up stage: every kind of field → argparse → a checked config."""
 
@@ -201,12 +205,17 @@ def test_a_new_field_becomes_an_option_and_a_key():
         fast: bool = config.setting(False, "go fast")
         bar: bool = config.setting(True, "progress bar")
         files: dict[str, str] = config.setting({}, "files", pairs=True, metavar="KEY=PATH")
+        decay: float | None = config.setting(0.5, "decay", parse=_number_or_auto, default_text="0.5; auto: derived")
 
     p = argparse.ArgumentParser(formatter_class=config.HelpFormatter)
     config.add_arguments(p, Toy)
     cfg = from_args(Toy, p.parse_args(["in", "--names", "b,a", "--size", "3", "--rate", "1", "--fast",
                                        "--no-bar", "--files", "k=v", "--files", "j=w"]))
-    assert cfg == Toy("in", ["b", "a"], 3, 1.0, True, False, {"k": "v", "j": "w"})
+    assert cfg == Toy("in", ["b", "a"], 3, 1.0, True, False, {"k": "v", "j": "w"}, 0.5)
+    assert from_args(Toy, p.parse_args(["in", "--decay", "auto"])).decay is None
+    assert from_args(Toy, p.parse_args(["in", "--decay", "0.25"])).decay == 0.25
+    with pytest.raises(SystemExit):
+        p.parse_args(["in", "--decay", "lots"])
     assert from_args(Toy, p.parse_args(["in"])) == Toy("in")
     with pytest.raises(ConfigError, match=r"unknown name 'c'; known names: a, b"):
         from_args(Toy, p.parse_args(["in", "--names", "c"]))
@@ -214,3 +223,12 @@ def test_a_new_field_becomes_an_option_and_a_key():
         from_args(Toy, p.parse_args(["in", "--size", "0"]))
     text = p.format_help()
     assert "(default: auto)" in text and "(default: 0.5)" in text and "--no-bar" in text
+
+
+def test_keys_that_took_null_still_do(tmp_path):
+    """YAML values that were valid before the typed configs stay valid (null = the default)."""
+    path = tmp_path / "p.yaml"
+    path.write_text(MINIMAL.format(tmp=tmp_path) + "bench:\n  backend: null\n  backbones: null\n"
+                    "train:\n  head: null\n  out: null\nextract:\n  workers: null\n  input_size: null\n")
+    p = load_pipeline(path)
+    assert p.stages["train"].model == "best" and p.stages["bench"].backend is None

@@ -8,14 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, write_image_folder
-from featstack.cache import open_cache, shard_root
+from conftest import REPO, shard_files, wait_until, write_image_folder
+from featstack.cache import generation_dir, open_cache, shard_root
 from featstack.extract import _rank_slice, extract
 
 ARGS = ["--backbones", "test_resnet,test_vit", "--weights", "none", "--device", "cpu", "--workers", "0",
@@ -58,7 +57,7 @@ def test_torchrun_two_ranks_equal_single_process(tmp_path):
                      progress=False)
     assert single.rows_processed == 42
     _assert_same_cache(tmp_path / "dist.h5", tmp_path / "single.h5")
-    shards = sorted(p.name for p in (shard_root(tmp_path / "dist.h5") / "test_vit").glob("*-*.h5"))
+    shards = sorted(p.name for p in (generation_dir(tmp_path / "dist.h5", "test_vit")).glob("*-*.h5"))
     assert len(shards) == 9 and not list(shard_root(tmp_path / "dist.h5").rglob("*.tmp"))
 
 
@@ -95,14 +94,9 @@ def test_killed_rank_then_rerun_completes(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
     shards = [(s, min(s + rows, n)) for s in range(0, n, rows)]
     rank1 = _rank_slice(shards, 1, 2, weights=[2 * (e - s) for s, e in shards])
-    folder = shard_root(cache) / "test_vit"
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            done = {p.name for p in folder.glob("*-*.h5")} if folder.exists() else set()
-            if sum(f"{s}-{e}.h5" in done for s, e in rank1) >= 2:
-                break
-            time.sleep(0.02)
+        wait_until(lambda: sum(f"{s}-{e}.h5" in {p.name for p in shard_files(cache, "test_vit")}
+                               for s, e in rank1) >= 2, what="2 shards of rank 1", proc=proc)
         victims = [c for c in _children(proc.pid) if _rank_of(c) == 1]
         assert victims, "rank 1 process not found"
         os.kill(victims[0], signal.SIGKILL)
@@ -112,13 +106,16 @@ def test_killed_rank_then_rerun_completes(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode != 0
+    folder = generation_dir(cache, "test_vit")
     done = {p.name for p in folder.glob("*-*.h5")}
     missing = [f"{s}-{e}.h5" for s, e in rank1 if f"{s}-{e}.h5" not in done]
     assert missing, "rank 1 finished before it was killed; the test proves nothing"
+    n_done = len(shard_files(cache, "test_vit")) + len(shard_files(cache, "test_resnet"))
 
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"{n} samples" in r.stdout and "skipped" in r.stdout
+    assert f"{n} samples" in r.stdout
+    assert f"{2 * len(shards) - n_done} shards written, {n_done} skipped" in r.stdout, r.stdout
     clean = extract(str(root), ["test_resnet", "test_vit"], tmp_path / "clean.h5", weights="none",
                     device="cpu", workers=0, threads=1, shard_rows=rows, batch_size=2, progress=False)
     assert clean.rows_processed == n

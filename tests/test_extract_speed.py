@@ -211,12 +211,12 @@ def test_memory_stays_bounded(tmp_path, monkeypatch):
 
     real_add = fx._ShardAssembler.add
 
-    def add(self, rows, outs, errors):
+    def add(self, rows, outs, errors, *rest):
         for arr in outs.values():
             assert arr.shape[0] == len(rows) <= 4
         in_flight[0] = max(in_flight[0], decoded.value - retired[0])
         retired[0] += len(rows)
-        return real_add(self, rows, outs, errors)
+        return real_add(self, rows, outs, errors, *rest)
 
     real_getitem = fx._DecodeDataset.__getitem__
 

@@ -25,11 +25,13 @@ def default_out(cache: str) -> Path:
 
 def run(args) -> int:
     from ..bench import run_bench
+    from ..bounds import check_output_dir, check_seed
     from ..cache import open_cache
 
     cfg = from_args(BenchConfig, args)
+    check_seed(cfg.seed)
     cache = open_cache(cfg.cache)
-    out = Path(cfg.out) if cfg.out else default_out(cfg.cache)
+    out = check_output_dir(Path(cfg.out) if cfg.out else default_out(cfg.cache))  # before the grid runs
     res = run_bench(cache, **api_kwargs(cfg, skip=("cache", "out")), out=out)
     excluded = f", {res.n_excluded} excluded (decode errors)" if res.n_excluded else ""
     test = f"{res.n_test} test rows" if res.n_test else "no labelled test split"

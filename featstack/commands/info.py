@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -65,8 +66,15 @@ def run(args) -> int:
     if not s["backbones"]:
         print("  (none)")
     for b in s["backbones"]:
-        state = "complete" if b["complete"] else f"INCOMPLETE, missing rows {b['missing']}"
+        state = {"complete": "complete", "incomplete": f"INCOMPLETE, missing rows {b['missing']}",
+                 "corrupt": f"CORRUPT: {b['problem']}"}[b["state"]]
+        verified = f"verified {b['verified_utc']}" if b["verified_utc"] else "never verified"
         print(f"  {b['key']:<28} dim {b['dim']:<5} input {b['input_size'] or '?':<8} {b['dtype']:<8} weights {b['weights']} "
               f"(sha256 {str(b['weights_sha256'])[:12]})  fingerprint {str(b['fingerprint'])[:12]}  "
-              f"{state}{'  RANDOM INIT (not pretrained)' if b.get('random_init') else ''}")
+              f"{state}{'  RANDOM INIT (not pretrained)' if b.get('random_init') else ''}  ({verified})")
+    corrupt = [b for b in s["backbones"] if b["state"] == "corrupt"]
+    if corrupt:
+        print(f"featstack info: {len(corrupt)} corrupt backbone(s): {corrupt[0]['problem']}; run "
+              f"`featstack verify {s['path']}` and re-extract with --repair", file=sys.stderr)
+        return 1
     return 0

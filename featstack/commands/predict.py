@@ -66,10 +66,9 @@ def csv_out(out: str):
         yield csv.writer(sys.stdout)
         sys.stdout.flush()
         return
-    path = Path(out)
-    if path.is_dir():
-        from ..errors import ConfigError
-        raise ConfigError(f"--out {out}: is a folder; predict writes a CSV file (or - for standard output)")
+    from ..bounds import check_output_file
+
+    path = check_output_file(out)  # not an existing folder, its folder writable: one clear line
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -102,6 +101,9 @@ def split_rows(splits, split: str):
 def run(args) -> int:
     from ..errors import ConfigError
 
+    if args.out != "-":  # before any long work: a bad --out is one line, not a lost run
+        from ..bounds import check_output_file
+        check_output_file(args.out)
     kind = folder_kind(args.model)
     if kind == "network":
         if args.data is None:

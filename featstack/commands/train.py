@@ -17,10 +17,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Train, save, and print train rows, train/test accuracy and the model folder."""
+    from ..bounds import check_seed
     from ..cache import open_cache
     from ..models import train_model
 
     cfg = from_args(TrainConfig, args)
+    check_seed(cfg.seed)
     cache = open_cache(cfg.cache)
     cfg.fusion = default_fusion(cfg)
     saved = train_model(cache, **api_kwargs(cfg, skip=("cache",)), progress=True)
