@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-for _p in (REPO, REPO / "tests"):  # featstack from this checkout; tests/realweights.py
+for _p in (REPO, REPO / "tests", REPO / "benchmarks"):  # featstack; tests/realweights.py; bench_extract
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
@@ -404,31 +404,7 @@ def sec_nvjpeg(rep: Report, root: Path, work: Path) -> dict:
     return out
 
 
-class _Files:
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        with Image.open(self.paths[i]) as img:
-            return self.transform(img.convert("RGB"))
-
-
-def _timm_model(name: str, input_size: int | None):
-    import timm
-    import torch
-
-    torch.manual_seed(0)
-    if input_size:
-        try:
-            return timm.create_model(name, pretrained=False, num_classes=0, img_size=input_size).eval()
-        except TypeError:
-            pass
-    return timm.create_model(name, pretrained=False, num_classes=0).eval()
+from bench_extract import _Files, _timm_model  # noqa: E402  (one naive loop for both benchmarks)
 
 
 def naive_loop(rep: Report, root: Path, cap_seconds: float) -> dict:
