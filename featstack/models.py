@@ -408,7 +408,8 @@ def save_model(path: str | os.PathLike, saved: SavedModel) -> Path:
     meta.update(format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,
                 backbones=list(saved.backbones), dims=[int(d) for d in saved.dims],
                 head=saved.head, fusion=saved.fusion, classes=list(saved.classes),
-                fingerprints=dict(saved.fingerprints))
+                fingerprints=dict(saved.fingerprints),
+                estimator_sha256=hashlib.sha256(data).hexdigest())
     if hasattr(saved.estimator, "classes_"):
         meta["labels"] = [int(c) for c in saved.estimator.classes_]
     with atomic_paths(path / ESTIMATOR_FILE, path / META_FILE) as (tmp_est, tmp_meta):
@@ -444,15 +445,21 @@ def _types_of(data: bytes, file: Path) -> tuple[list[str], list[str], str]:
     return untrusted, bad, f"{schema.get('__module__')}.{schema.get('__class__')}"
 
 
-def check_model_file(file: str | os.PathLike) -> list[str]:
-    """Every type a model.skops file would build, refused (ModelError naming the file and the
-    type) if one is outside :func:`allowed_types`; returns the types skops itself distrusts,
-    which are then passed to ``skops.io.load`` as trusted."""
-    file = Path(file)
+def _read_model_bytes(file: Path) -> bytes:
     try:
-        data = file.read_bytes()
+        return file.read_bytes()
     except OSError as e:
         raise ModelError(f"{file}: not a readable skops file ({e})") from e
+
+
+def check_model_file(file: str | os.PathLike, data: bytes | None = None) -> list[str]:
+    """Every type a model.skops file would build, refused (ModelError naming the file and the
+    type) if one is outside :func:`allowed_types`; returns the types skops itself distrusts,
+    which are then passed to ``skops.io.load`` as trusted. ``data``: the file's bytes, when the
+    caller has read them already (so what is checked is exactly what is loaded)."""
+    file = Path(file)
+    if data is None:
+        data = _read_model_bytes(file)
     untrusted, bad, root = _types_of(data, file)
     if bad:
         raise ModelError(f"{file}: refusing to load type {bad[0]!r}, which featstack models never "
@@ -483,6 +490,20 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def check_estimator_hash(meta: dict, data: bytes, efile: Path) -> None:
+    """Refuse a model.skops whose bytes are not the ones model.json was written with (another
+    head's file copied in, a damaged or edited file): model.json's ``estimator_sha256`` is the
+    folder's one content hash. Folders saved before the field existed load unchecked."""
+    want = meta.get("estimator_sha256")
+    if want is None:
+        return
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise ModelError(f"{efile}: content hash {got[:12]} differs from the {want[:12]} that "
+                         f"{META_FILE} records; this is not the estimator the folder was saved with "
+                         "(replaced, edited or damaged): save the model again")
+
+
 def load_model(path: str | os.PathLike) -> SavedModel:
     """Load a model folder written by :func:`save_model` (never through pickle).
 
@@ -497,14 +518,16 @@ def load_model(path: str | os.PathLike) -> SavedModel:
     efile = path / ESTIMATOR_FILE
     if not efile.exists():
         raise ModelError(f"{path}: model folder lacks {ESTIMATOR_FILE}")
-    trusted = check_model_file(efile)
+    data = _read_model_bytes(efile)
+    trusted = check_model_file(efile, data)  # types first: the refusal that names what is wrong
+    check_estimator_hash(meta, data, efile)
     sio = _skops_io()
     import sklearn
     if meta.get("sklearn_version") and meta["sklearn_version"] != sklearn.__version__:
         warnings.warn(f"{path} was saved with scikit-learn {meta['sklearn_version']}, this is "
                       f"{sklearn.__version__}; predictions may differ slightly", stacklevel=2)
     try:
-        est = sio.load(efile, trusted=trusted)
+        est = sio.loads(data, trusted=trusted)
     except Exception as e:  # skops raises a variety of errors on damaged files
         raise ModelError(f"{efile}: cannot be loaded ({type(e).__name__}: {e})") from e
     labels = [int(c) for c in getattr(est, "classes_", [])]

@@ -142,6 +142,23 @@ def test_load_refuses_types_outside_the_allowlist(syn, tmp_path):
         load_model(out)
 
 
+def test_a_swapped_estimator_file_is_refused_by_the_content_hash(syn, tmp_path):
+    """Issue 12 (l): another head's model.skops copied into a model folder used to load and
+    report the first head's name; model.json's content hash now refuses it, naming the file."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_model(syn, "A", "logreg", "single", out=a)
+    train_model(syn, "A", "gaussian-nb", "single", out=b)
+    assert json.loads((a / "model.json").read_text())["estimator_sha256"]
+    (a / "model.skops").write_bytes((b / "model.skops").read_bytes())
+    with pytest.raises(ModelError, match=r"a[/\\]model\.skops: content hash \w+ differs"):
+        load_model(a)
+    load_model(b)  # the source folder itself is intact
+    r = subprocess.run([sys.executable, "-m", "featstack", "predict", str(a), str(syn),
+                        "--out", str(tmp_path / "p.csv")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "content hash" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_load_reports_damaged_metadata(syn, tmp_path):
     out = tmp_path / "m"
     train_model(syn, "A,B", "logreg", "concat", out=out)
