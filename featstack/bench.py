@@ -51,6 +51,7 @@ from .errors import CacheError, CacheMismatchError, ConfigError, DataError
 from .fusion import bench_sizes_hint, fusion_spec, list_fusions, out_of_fold, stack_method, stack_splitter
 from .heads import create_head, head_spec, labels_from_decision
 from .models import check_finite_features, check_training_classes, inner_folds, require_training_rows
+from .orphans import exit_with_parent, mark_parent
 
 BACKENDS = ("loky", "threading", "dask")
 CSV_COLUMNS = ["rank", "backbones", "head", "fusion", "size", "cv_accuracy_mean", "cv_accuracy_std",
@@ -174,6 +175,7 @@ def _one_thread():
 
     Reference-counted, so tasks running as threads of one process (threading backend, an
     in-process dask cluster) share one limit and the last one out restores the original."""
+    exit_with_parent()  # a worker of a killed bench must not keep its cores busy
     st = _LIMIT_STATE
     with _LIMIT_LOCK:
         if st["controller"] is None:
@@ -312,6 +314,7 @@ class _Backend:
         backend = backend or "loky"
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        mark_parent()
         self.name = backend
         self.n_jobs = n_jobs
         self.client = None

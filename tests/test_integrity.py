@@ -334,3 +334,67 @@ def test_l_stale_temp_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
     assert not any(p.exists() for p in stale) and other.exists()
     assert not list(tmp_path.rglob("x.*.tmp")) and not list(gen.glob("*.tmp"))
     np.testing.assert_array_equal(open_cache(path).features("f"), X)
+
+
+_SLOW_HEAD = '''
+import os, threading
+from pathlib import Path
+from sklearn.linear_model import LogisticRegression
+import featstack
+
+
+class SlowLogReg(LogisticRegression):
+    """A head whose fit announces its process and then runs for minutes: a long cell."""
+
+    def fit(self, X, y):
+        Path(os.environ["SLOW_DIR"], str(os.getpid())).touch()
+        threading.Event().wait(600)
+        return super().fit(X, y)
+
+
+featstack.register_head("slow", lambda seed: SlowLogReg())
+'''
+
+_SLOW_BENCH = '''
+import sys
+import slowhead  # noqa: F401 - registers the head
+from featstack.bench import run_bench
+run_bench(sys.argv[1], heads="slow", fusions="single", cv=2, n_jobs=2, progress=False)
+'''
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (an orphan may wait unreaped in a container)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see processes")
+def test_l_a_killed_bench_leaves_no_worker_processes(tmp_path):
+    """(l) SIGKILL a bench whose loky workers are inside long fits: every worker exits by itself
+    (it watches its parent), instead of running on re-parented to init for minutes."""
+    rng = np.random.default_rng(0)
+    n = 40
+    y = np.arange(n) % 2
+    samples = SampleTable(ids=[f"s{i}" for i in range(n)], labels=y, splits=["train"] * n, classes=["a", "b"])
+    write_arrays_cache(tmp_path / "c.h5", samples, {"A": rng.normal(size=(n, 4)) + y[:, None]},
+                       metas={"A": {"weights_sha256": "w"}})
+    mods, slow = tmp_path / "mods", tmp_path / "started"
+    mods.mkdir()
+    slow.mkdir()
+    (mods / "slowhead.py").write_text(_SLOW_HEAD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(mods), str(REPO)]), "SLOW_DIR": str(slow)}
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_BENCH, str(tmp_path / "c.h5")], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: len(list(slow.iterdir())) >= 2, what="two workers inside a fit", proc=p)
+        workers = [int(f.name) for f in slow.iterdir()]
+        assert p.pid not in workers and all(_alive(w) for w in workers)
+    finally:
+        p.kill()
+        p.wait()
+    wait_until(lambda: not any(_alive(w) for w in workers), what="the killed bench's workers to exit",
+               timeout=60)
