@@ -32,7 +32,7 @@ from .errors import ConfigError
 # One value per shared constant (extract and finetune alike).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_PRECISION = "auto"  # what "auto" means is decided in one place: the device/precision module
-PRECISION_HELP = "autocast precision (auto: fp32 on a CPU; on a GPU bf16 where supported, else fp16)"
+PRECISION_HELP = "autocast precision (auto: fp32 on a CPU, fp16 on a GPU; bf16 is selectable)"
 DEFAULT_DEVICE = "auto"
 DEFAULT_SHARD_ROWS = 1024  # rows per shard file: the unit of resume (cache.py re-exports it)
 STORAGE_DTYPES = ("float16", "float32")

@@ -14,7 +14,8 @@ Keeping the device busy:
   only read file bytes and the main process decodes whole batches with nvjpeg and resizes on
   the device. Batches come from pinned memory and are copied to the device once,
   asynchronously; each backbone's normalisation is a batched tensor op on the device.
-* Models run channels_last, under bf16 autocast on a GPU (fp32 selectable), optionally through
+* Models run channels_last, under fp16 autocast on a GPU (an overflowing batch is recomputed in
+  fp32; fp32 and bf16 selectable), optionally through
   ``torch.compile``. Embeddings are copied back asynchronously and read one batch later, so
   the host prepares batch i+1 while the device still computes batch i.
 * Finished shards go to a writer thread through a short queue.
@@ -85,6 +86,7 @@ class ExtractResult:
     compiled: bool = False
     rank_rows_processed: int | None = None  # under torchrun: this rank's rows (the others are job totals)
     random_init: list = field(default_factory=list)  # backbones with seeded random weights
+    fp32_retries: int = 0  # batches × backbones whose fp16 features overflowed, recomputed in fp32
 
 
 # --------------------------------------------------------------------------- device & precision
@@ -726,6 +728,14 @@ class _Pending(NamedTuple):
     done: object    # torch.cuda.Event or None
     timing: dict    # key -> seconds (float) or (start, end) CUDA events
     inputs: np.ndarray | None  # (B, 3) size, mtime_ns, content hash of the files read
+    x: dict | None = None  # fp16 only: key -> the model's input, to recompute an overflow in fp32
+
+
+def _recompute_fp32(forward, x) -> np.ndarray:
+    """A batch's features without autocast: fp16's range (65,504) overflows on some weights'
+    activations, fp32's does not; the cache then refuses only what is non-finite in fp32 too."""
+    with torch.inference_mode():
+        return forward(x).float().cpu().numpy()
 
 
 def _make_loader(source, work, recipes, ref_configs, decode_on, batch_size, workers, dev):
@@ -763,6 +773,9 @@ def _run(source, loaded, recipes, work, todo, writer, dev, prec, batch_size, wor
         outs = {}
         for key, out in p.outs.items():
             out = out.numpy()
+            if p.x is not None and not np.isfinite(out).all():
+                out = _recompute_fp32(fwd[key], p.x[key])
+                result.fp32_retries += 1
             if out.shape != (len(p.rows), loaded[key].dim):
                 raise RuntimeError(f"{key}: model output shape {out.shape}, expected "
                                    f"({len(p.rows)}, {loaded[key].dim})")
@@ -784,6 +797,7 @@ def _run(source, loaded, recipes, work, todo, writer, dev, prec, batch_size, wor
             shard = assembler.shard_of(int(batch_rows[0]))
             x_dev = _to_device_batch(batch, batch_rows, errors, dev, recipes, source)
             outs, timing = {}, {}
+            kept = {} if prec == "fp16" else None
             for key in todo[shard]:
                 if cuda:
                     ev0 = torch.cuda.Event(enable_timing=True)
@@ -798,6 +812,8 @@ def _run(source, loaded, recipes, work, todo, writer, dev, prec, batch_size, wor
                     out = fwd[key](x)
                 # Asynchronous copy back (into pinned memory on CUDA); read at retire time.
                 outs[key] = out.float().to("cpu", non_blocking=cuda)
+                if kept is not None:
+                    kept[key] = x
                 if cuda:
                     ev1 = torch.cuda.Event(enable_timing=True)
                     ev1.record()
@@ -813,13 +829,15 @@ def _run(source, loaded, recipes, work, todo, writer, dev, prec, batch_size, wor
             # Retire the previous batch only now: on a GPU, this batch is already queued.
             if pending is not None:
                 retire(pending)
-            pending = _Pending(batch_rows, outs, errors, done, timing, inputs)
+            pending = _Pending(batch_rows, outs, errors, done, timing, inputs, kept)
         if pending is not None:
             retire(pending)
             pending = None
     finally:
         bar.close()
         thread.close()
+    if result.fp32_retries:
+        _say(f"{who}{result.fp32_retries} batch(es) overflowed float16 and were recomputed in fp32")
     result.images_per_second = {k: (fwd_rows[k] / fwd_seconds[k] if fwd_seconds[k] else None) for k in loaded}
     if result.errors:
         _say(f"{who}{result.errors} inputs failed to decode; recorded in the cache's error table")

@@ -180,6 +180,28 @@ def test_gpu_decode_on_cuda_matches_cpu_decode(photos, tmp_path):
         assert _cos_rows(c.features(key), b.features(key)).min() >= 0.99
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 autocast)")
+def test_auto_precision_is_fp16_on_cuda_and_overflow_is_recomputed_in_fp32(photos, tmp_path):
+    """auto = fp16 on CUDA (bf16 measured too coarse for real weights); weights whose activations
+    overflow fp16's range (every conv scaled by 300) give finite features, recomputed in fp32,
+    equal to an fp32 run's."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = timm.create_model("test_resnet", num_classes=0).state_dict()
+    big = {k: (v * 300 if v.ndim == 4 else v).contiguous() for k, v in state.items()}
+    path = tmp_path / "big.safetensors"
+    save_file(big, str(path))
+    common = dict(weights_files={"test_resnet": str(path)}, progress=False, dtype="float32", device="cuda",
+                  batch_size=8)
+    auto = extract(str(photos), ["test_resnet"], tmp_path / "auto.h5", **common)
+    assert auto.precision == "fp16" and auto.fp32_retries > 0
+    extract(str(photos), ["test_resnet"], tmp_path / "fp32.h5", precision="fp32", **common)
+    a, b = open_cache(tmp_path / "auto.h5").features("test_resnet"), open_cache(tmp_path / "fp32.h5").features("test_resnet")
+    assert np.isfinite(a).all() and _cos_rows(a, b).min() >= 0.9999
+
+
 def test_memory_stays_bounded(tmp_path, monkeypatch):
     """100 images, 16-row shards: features are written shard by shard (no array covers more
     than one shard), one shard buffer per backbone is open at a time, the writer queue and the
