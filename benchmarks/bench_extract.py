@@ -46,20 +46,26 @@ N_CLASSES = 10
 
 
 # --------------------------------------------------------------------------- images
-def _base_images(n: int, seed: int):
+def _base_images(n: int, seed: int, sizes=SIZES):
     from featstack.data import synthetic_photo
 
     rng = np.random.default_rng(seed)
-    return [np.asarray(synthetic_photo(rng, *SIZES[i % len(SIZES)], shapes=6), dtype=np.int16)
+    return [np.asarray(synthetic_photo(rng, *sizes[i % len(sizes)], shapes=6), dtype=np.int16)
             for i in range(n)]
 
 
+def parse_photo_size(text: str) -> tuple[tuple[int, int], ...]:
+    """'640x480' (width x height, as photo sizes are written) -> ((480, 640),) in (h, w)."""
+    w, h = (int(v) for v in text.lower().split("x"))
+    return ((h, w),)
+
+
 def _write_chunk(args):
-    root, lo, hi, seed = args
+    root, lo, hi, seed, sizes = args
     from PIL import Image
 
     rng = np.random.default_rng(seed + lo)
-    bases = _base_images(8, seed + lo)
+    bases = _base_images(8, seed + lo, sizes)
     for i in range(lo, hi):
         b = bases[i % len(bases)]
         shift = rng.integers(-30, 30, size=3).astype(np.int16)
@@ -71,13 +77,13 @@ def _write_chunk(args):
         Image.fromarray(img).save(d / f"{i:07d}.jpg", quality=90)
 
 
-def make_images(root: Path, n: int, seed: int = 0) -> Path:
+def make_images(root: Path, n: int, seed: int = 0, sizes=SIZES) -> Path:
     from multiprocessing import Pool
 
     for c in range(N_CLASSES):
         (root / "train" / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
     step = 250
-    chunks = [(str(root), lo, min(lo + step, n), seed) for lo in range(0, n, step)]
+    chunks = [(str(root), lo, min(lo + step, n), seed, sizes) for lo in range(0, n, step)]
     with Pool(min(4, os.cpu_count() or 1)) as pool:
         pool.map(_write_chunk, chunks)
     return root
@@ -278,6 +284,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbones", default="test_resnet,test_vit,resnet18")
     p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--photo-size", default=None, metavar="WxH",
+                   help="every generated JPEG this size, e.g. 640x480 (default: ImageNet-like 500x375 mix)")
     p.add_argument("--input-size", type=int, default=None, help="square input size for every backbone")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -312,7 +320,7 @@ def main(argv=None) -> int:
             if root.exists():
                 shutil.rmtree(root)
             t0 = time.perf_counter()
-            make_images(root, a.images)
+            make_images(root, a.images, sizes=parse_photo_size(a.photo_size) if a.photo_size else SIZES)
             print(f"generated {a.images} JPEGs in {time.perf_counter() - t0:.0f}s "
                   f"({sum(f.stat().st_size for f in root.rglob('*.jpg')) / a.images / 1024:.0f} KB each)",
                   flush=True)
