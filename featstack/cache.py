@@ -96,6 +96,34 @@ def feature_fingerprint_fields(meta: dict) -> dict:
     return fields
 
 
+def _shown(value) -> str:
+    """A fingerprint field's value as one short token of an error line (hashes cut to 12)."""
+    if isinstance(value, str) and len(value) >= 32 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    text = repr(value) if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def fingerprint_differences(saved: dict, found: dict, fields: Sequence[str] | None = None, *,
+                            labels: tuple[str, str] = ("saved", "found")) -> str:
+    """``"differs in: preprocess (saved 'fast', found 'reference'), ..."``: the one wording of
+    every fingerprint refusal (extract, predict, evaluate, export, run), so the user sees which
+    setting to change instead of two hashes. A mapping field (data_config) names its entries
+    that differ. ``fields``: the fields to compare (default: every fingerprint field)."""
+    fields = fields if fields is not None else FINGERPRINT_FIELDS + OPTIONAL_FINGERPRINT_FIELDS
+    parts = []
+    for f in fields:
+        a, b = saved.get(f), found.get(f)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            pairs = [(f"{f}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+        else:
+            pairs = [(f, a, b)]
+        parts += [f"{name} ({labels[0]} {_shown(x)}, {labels[1]} {_shown(y)})" for name, x, y in pairs]
+    return "differs in: " + (", ".join(parts) or "the fingerprint format")
+
+
 def _sha256(*parts: bytes) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -549,10 +577,10 @@ class CacheWriter:
             gen = folder / cur
         else:
             if not overwrite:
-                diff = [f for f in FINGERPRINT_FIELDS + OPTIONAL_FINGERPRINT_FIELDS if old.get(f) != meta.get(f)]
+                diff = fingerprint_differences(old, meta, labels=("cached", "now"))
                 raise CacheMismatchError(
                     f"{self.path}: backbone {key!r} is cached with another fingerprint "
-                    f"(differs in: {', '.join(diff) or 'format'}); pass --overwrite to replace it")
+                    f"({diff}); pass --overwrite to replace it")
             gen = self._start_generation(folder, meta, shard_rows, keep=cur)
         self._plans[key] = _Plan(gen, meta["fingerprint"], cur)
         rows = int(_read_meta(gen)["shard_rows"])

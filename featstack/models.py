@@ -34,7 +34,8 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .cache import FEATURE_FINGERPRINT_FIELDS, Cache, feature_fingerprint_fields, open_cache  # noqa: F401
+from .cache import (FEATURE_FINGERPRINT_FIELDS, Cache, feature_fingerprint_fields,  # noqa: F401
+                    fingerprint_differences, open_cache)
 from .atomic import atomic_paths
 from .errors import CacheError, CacheMismatchError, ConfigError, DataError, FeatstackError, read_format_json
 from .fusion import (FUSION_SPECS, build_model, check_backbone_count, check_class_counts, first_non_finite,
@@ -188,13 +189,21 @@ class SavedModel:
                 raise CacheMismatchError(
                     f"backbone {key!r} of model {self.name} is not in {cache.path} (it has: {have}); "
                     f"extract it with `featstack extract ... --backbones {key} --cache {cache.path}`")
-            got = feature_fingerprint(cache.backbone_info(key))
+            info = cache.backbone_info(key)
+            got = feature_fingerprint(info)
             if got != want:
                 raise CacheMismatchError(
                     f"backbone {key!r} in {cache.path} was extracted differently from the one model "
-                    f"{self.name} was trained on (fingerprint {got[:12]} vs {want[:12]}): other "
-                    "weights, preprocessing or width; re-extract it the same way")
+                    f"{self.name} was trained on (fingerprint {got[:12]} vs {want[:12]}; "
+                    f"{self._differences(key, info)}); re-extract it the same way")
         return cache
+
+    def _differences(self, key: str, info: dict) -> str:
+        """Which feature fingerprint fields of ``key`` differ between the model and a cache."""
+        saved = (self.meta.get("feature_fields") or {}).get(key)
+        if saved is None:  # saved before models recorded the fields: only the hashes are known
+            return "this model records no fingerprint fields: other weights, preprocessing or width"
+        return fingerprint_differences(saved, feature_fingerprint_fields(info), labels=("model", "cache"))
 
     def fingerprints_list(self) -> list[str]:
         return [self.fingerprints[k] for k in self.backbones]
@@ -359,6 +368,7 @@ def train_model(cache: Cache | str | os.PathLike, backbones: str | Sequence[str]
         "classes": list(cache.classes),
         "labels": [int(c) for c in est.classes_],
         "fingerprints": {k: feature_fingerprint(infos[k]) for k in keys},
+        "feature_fields": {k: feature_fingerprint_fields(infos[k]) for k in keys},
         "cache_fingerprints": {k: infos[k].get("fingerprint") for k in keys},
         "timm_names": {k: infos[k].get("timm_name") for k in keys},
         "cache_fingerprint": cache.dataset_fingerprint,
