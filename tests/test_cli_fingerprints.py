@@ -20,9 +20,9 @@ def world(tmp_path_factory):
     model trained on the first; all made with the CLI."""
     root = tmp_path_factory.mktemp("fp")
     photos = write_image_folder(root / "photos", per_class={"train": 4, "test": 2}, sizes=((64, 64),))
-    for name, seed in (("c", "0"), ("other", "1")):
-        assert main(["extract", "--data", str(photos), "--cache", str(root / f"{name}.h5"), "--seed", seed,
-                     *EXTRACT]) == 0
+    # both spellings of extract: flags, and the positional `featstack extract SRC CACHE`
+    assert main(["extract", "--data", str(photos), "--cache", str(root / "c.h5"), "--seed", "0", *EXTRACT]) == 0
+    assert main(["extract", str(photos), str(root / "other.h5"), "--seed", "1", *EXTRACT]) == 0
     assert main(["train", str(root / "c.h5"), "--backbones", BACKBONE, "--out", str(root / "m")]) == 0
     sha = {n: open_cache(root / f"{n}.h5").backbone_info(BACKBONE)["weights_sha256"][:12] for n in ("c", "other")}
     return {"root": root, "photos": photos, "sha": sha}
