@@ -83,7 +83,8 @@ def setting(default: Any = MISSING, help: str = "", *, choices: Sequence[str] | 
 
     ``choices``: allowed values (for a list, of each element); a callable is read at check time.
     ``what``: the noun in "unknown head 'x'". ``minimum``: smallest allowed number.
-    ``cli``: "option", "positional" or None (no command-line form; then ``yaml_only`` says why).
+    ``cli``: "option", "positional" or None (no command-line form: tests/test_config.py allows none
+    in a stage, whose options and YAML keys must match one to one).
     ``flag``: the option's name when not ``--name-with-dashes``. ``yaml``: "section", "top:KEY",
     "backbone:KEY", "wired:WHAT" (set by the pipeline) or "none:WHY". ``api``: the keyword of the
     stage function ("" = the field name, None = not passed). ``pairs``: a repeatable KEY=VALUE
@@ -528,8 +529,9 @@ class TrainConfig:
 
     cache: str = setting(MISSING, "path of the cache index file (e.g. cache/x.h5)", cli="positional",
                          yaml="top:cache")
-    backbones: list[str] | None = setting(None, "comma-separated backbone keys, in column order",
-                                          cli_required=True, default_text="in a pipeline: the bench's best")
+    backbones: list[str] | None = setting(None, "comma-separated backbone keys, in column order (naming them "
+                                                "trains that model: --model named)",
+                                          default_text="the best row of --bench DIR; in a pipeline: the bench's")
     head: str | None = setting("logreg", "head name", choices=head_names, what="head")
     fusion: str | None = setting(None, "how to combine backbones", choices=fusion_names, what="fusion",
                                  default_text="single for one backbone, concat otherwise")
@@ -539,10 +541,14 @@ class TrainConfig:
     cv: int = setting(5, "stratified folds of the stacking fusion", minimum=2)
     seed: int = setting(0, "seed of the folds and heads", api="random_state")
     n_jobs: int | None = setting(None, "joblib workers (stack: blocks x folds)", default_text="1")
-    model: str = setting("best", "best: the top row of the bench; named: train.backbones/head/fusion",
-                         choices=TRAIN_MODELS, cli=None, api=None)
-    metric: str = setting("cv_accuracy_mean", "bench column that ranks the models for model: best",
-                          cli=None, api=None)
+    model: str = setting("best", "best: the top row of a bench (--bench DIR; in a pipeline: its bench stage) by "
+                                 "--metric; named: the --backbones/--head/--fusion given (the default as soon as "
+                                 "--backbones is; in YAML, train.head)", choices=TRAIN_MODELS, api=None)
+    metric: str = setting("cv_accuracy_mean", "bench column that ranks the models for --model best",
+                          api=None)
+    bench: str | None = setting(None, "bench output folder (holding bench.json) whose best row --model best trains",
+                                metavar="DIR", api=None, yaml="wired:the pipeline's bench stage",
+                                default_text="none; in a pipeline: the bench stage's results")
 
 
 def default_fusion(cfg: TrainConfig) -> str:
@@ -554,11 +560,6 @@ def default_finetune_workers() -> int:
     """Decode workers of fine-tuning when none are named: cores - 1, at most 4."""
     import os
     return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
-# YAML keys without a command-line option, and why (test_config checks this list is exact).
-YAML_ONLY = {("train", "model"): "the pipeline chooses among the bench rows; the CLI names the model",
-             ("train", "metric"): "the pipeline chooses among the bench rows; the CLI names the model"}
 
 
 @dataclass

@@ -315,6 +315,30 @@ def check_training_classes(cache: Cache, y: np.ndarray, need: int, why: str, hin
                        unit="row(s)", hint=hint, error=DataError)
 
 
+def best_model(rows: Sequence[dict], metric: str = "cv_accuracy_mean") -> tuple[list[str], str, str]:
+    """(backbones, head, fusion) of the bench's best row by ``metric`` (the bench's ranking rule,
+    :func:`featstack.bench.best_row`): what ``model: best`` trains, in a pipeline and on the CLI."""
+    from .bench import best_row
+
+    best = best_row(rows, metric)
+    return str(best["backbones"]).split("+"), str(best["head"]), str(best["fusion"])
+
+
+def read_bench_rows(folder: str | os.PathLike) -> list[dict]:
+    """The result rows of a bench output folder (its bench.json); one ConfigError line naming the
+    file when it is missing or unreadable."""
+    path = Path(folder) / "bench.json"
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; run `featstack bench CACHE --out {folder}` first") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a featstack bench result ({type(e).__name__}: {e})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"{path}: 'rows' is not a list of result rows")
+    return rows
+
+
 def train_model(cache: Cache | str | os.PathLike, backbones: str | Sequence[str], head: str,
                 fusion: str, *, out: str | os.PathLike | None = None, tune: bool = False,
                 cv: int = 5, random_state: int = 0, n_jobs: int | None = None,

@@ -28,7 +28,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="decode workers with --data (default: cores - 1, at most 4)")
     p.add_argument("--device", default="auto", help="device for a network: auto, cpu, cuda, ... (default auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a progress bar on standard error)")
     return p
 
 

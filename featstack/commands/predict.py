@@ -36,7 +36,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="decode workers with --data (default: cores - 1, at most 4)")
     p.add_argument("--device", default="auto", help="device with --data: auto (cuda if available), cpu, "
                                                     "cuda, cuda:1, ... (default auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a progress bar on standard error)")
     return p
 
 
