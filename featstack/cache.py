@@ -136,6 +136,25 @@ def _canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def split_mask(splits: np.ndarray, split: str) -> np.ndarray:
+    """Rows of one split (an unknown split name is an error, not an empty selection)."""
+    if split not in SPLITS:
+        raise CacheError(f"unknown split {split!r}: splits are {', '.join(SPLITS)}")
+    return np.asarray(splits) == split
+
+
+def select_rows(labels: np.ndarray, splits: np.ndarray, split: str | None = None, labelled: bool = True,
+                valid: np.ndarray | None = None) -> np.ndarray:
+    """The one row selection (training, scoring, fine-tuning): indices of the rows in ``split``
+    (None: any), labelled unless ``labelled=False``, and ``valid`` (input decoded) when given."""
+    mask = np.ones(len(labels), dtype=bool) if valid is None else np.array(valid, dtype=bool)
+    if split is not None:
+        mask &= split_mask(splits, split)
+    if labelled:
+        mask &= np.asarray(labels) >= 0
+    return np.flatnonzero(mask)
+
+
 @dataclass
 class SampleTable:
     """The rows of a cache: ids, labels, splits and class names, fixed before extraction.
@@ -193,6 +212,11 @@ class SampleTable:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def rows(self, split: str | None = None, labelled: bool = True) -> np.ndarray:
+        """Rows of a data source by :func:`select_rows` (whether each input decodes is known only
+        once it is read: the caller skips failures then)."""
+        return select_rows(self.labels, self.splits, split, labelled)
 
     def fingerprint(self) -> str:
         """sha256 over everything that fixes what row i means."""
@@ -915,18 +939,11 @@ class Cache:
 
     def rows(self, split: str | None = None, labelled: bool = True) -> np.ndarray:
         """Indices of the rows to fit or score on: input decoded, in ``split`` (None: any),
-        and labelled unless ``labelled=False``."""
-        mask = self.valid
-        if split is not None:
-            mask &= self.split_mask(split)
-        if labelled:
-            mask &= self.labels >= 0
-        return np.flatnonzero(mask)
+        and labelled unless ``labelled=False`` (:func:`select_rows`)."""
+        return select_rows(self.labels, self.splits, split, labelled, valid=self.valid)
 
     def split_mask(self, split: str) -> np.ndarray:
-        if split not in SPLITS:
-            raise CacheError(f"unknown split {split!r}: splits are {', '.join(SPLITS)}")
-        return self.splits == split
+        return split_mask(self.splits, split)
 
     def backbone_info(self, key: str) -> dict:
         """Metadata of one backbone: timm name, weights, data config, versions, fingerprint..."""
