@@ -624,10 +624,22 @@ class FinetuneConfig:
 
 @dataclass
 class ReportConfig:
-    """The report of a run folder (report.md + a self-contained report.html)."""
+    """`featstack report DIR`: the report of a bench or run folder (report.md + a self-contained
+    report.html). What it reads besides the folder is recorded in DIR/report.json; the options
+    override it."""
 
-    out: str = setting(MISSING, "run folder: its bench results are summed up, report.html is written there",
-                       cli="positional", yaml="top:out")
+    out: str = setting(MISSING, "bench or run output folder (holding bench.json): its results are summed up, "
+                                "report.html is written there", cli="positional", yaml="top:out", api="folder",
+                       metavar="DIR")
+    data: str | None = setting(None, "the images the cache was extracted from, for thumbnails of misclassified "
+                                     "test images", yaml="top:data", api=None,
+                               default_text="the one recorded in report.json, if any")
+    model: str | None = setting(None, "saved model folder to report on", yaml="wired:the train stage's model folder",
+                                api=None, default_text="the recorded one, else the bench's best configuration "
+                                                       "refitted")
+    network: str | None = setting(None, "network folder to report on",
+                                  yaml="wired:the export (or finetune) stage's network folder", api=None,
+                                  default_text="the recorded one")
 
 
 STAGES: dict[str, type] = {"extract": ExtractConfig, "bench": BenchConfig, "train": TrainConfig,

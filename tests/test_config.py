@@ -15,7 +15,7 @@ from featstack.config import (MISSING, STAGES, BackboneConfig, BenchConfig, Pipe
 from featstack.errors import ConfigError
 from featstack.pipeline import _SECTIONS, load_pipeline
 
-COMMANDS = ["extract", "bench", "train", "export", "finetune"]
+COMMANDS = ["extract", "bench", "train", "export", "finetune", "report"]
 
 MINIMAL = """\
 data: demo
@@ -144,7 +144,7 @@ def test_yaml_defaults_equal_cli_defaults(stage, tmp_path):
 STAGE_FUNCTIONS = {
     "extract": ("featstack.extract", "extract"), "bench": ("featstack.bench", "run_bench"),
     "train": ("featstack.models", "train_model"), "export": ("featstack.export", "export_model"),
-    "finetune": ("featstack.finetune", "finetune"),
+    "finetune": ("featstack.finetune", "finetune"), "report": ("featstack.report", "build_report"),
 }
 
 
