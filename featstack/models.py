@@ -194,7 +194,7 @@ class SavedModel:
             if got != want:
                 raise CacheMismatchError(
                     f"backbone {key!r} in {cache.path} was extracted differently from the one model "
-                    f"{self.name} was trained on (fingerprint: model {want[:12]}, cache {got[:12]}; "
+                    f"{self.name} was trained on (fingerprint model {want[:12]}, cache {got[:12]}; "
                     f"{self._differences(key, info)}); re-extract it the same way")
         return cache
 
