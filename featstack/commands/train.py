@@ -13,7 +13,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         sub, "train", TrainConfig, help="fit one head x fusion on a cache's training split and save it",
         description="Fit a head (optionally fused across several backbones) on the rows of the "
                     "cache's train split, report train and test accuracy, and save the model as a "
-                    "folder (model.skops + model.json, no pickle) for `featstack predict`.")
+                    "folder (model.skops + model.json, no pickle) for `featstack predict`. Name the "
+                    "model (--backbones, --head, --fusion) or train the best row of a bench folder "
+                    "(--bench DIR, ranked by --metric).")
 
 
 def choose_model(cfg: TrainConfig) -> None:
