@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import write_image_folder
-from featstack.cache import open_cache
+from featstack.cache import FINGERPRINT_FIELDS, fingerprint_differences, open_cache
 from featstack.cli import main
 
 BACKBONE = "test_resnet-64"
@@ -90,3 +92,29 @@ def test_run_names_field_and_values(world, capsys, tmp_path):
                     f"backbones: [{BACKBONE}]\nextract: {{preprocess: reference, dtype: float32, workers: 0}}\n")
     err = _refusal(capsys, ["run", str(pipe)])
     assert f"backbone {BACKBONE!r}" in err and "preprocess (cached 'fast', now 'reference')" in err
+
+
+_VALUES = st.one_of(st.none(), st.sampled_from(["fast", "reference", "a" * 64, "b" * 64]), st.integers(1, 4096),
+                    st.dictionaries(st.sampled_from(["input_size", "mean", "crop_pct"]), st.integers(0, 3),
+                                    max_size=3))
+
+
+@given(saved=st.fixed_dictionaries({f: _VALUES for f in FINGERPRINT_FIELDS}),
+       found=st.fixed_dictionaries({f: _VALUES for f in FINGERPRINT_FIELDS}))
+def test_differences_name_exactly_the_fields_that_differ(saved, found):
+    """Each differing field (or mapping entry) is named once with both values; equal ones never."""
+    text = fingerprint_differences(saved, found)
+    assert text.startswith("differs in: ")
+    for f in FINGERPRINT_FIELDS:
+        a, b = saved[f], found[f]
+        if a == b:
+            assert f"{f} (" not in text and f"{f}." not in text
+        elif isinstance(a, dict) and isinstance(b, dict):
+            for k in set(a) | set(b):
+                assert (f"{f}.{k} (saved " in text) == (a.get(k) != b.get(k))
+        else:
+            assert text.count(f"{f} (saved ") == 1
+            if isinstance(a, str) and len(a) == 64:  # a hash: its first 12 characters
+                assert f"{f} (saved {a[:12]}, found " in text
+    if saved == found:
+        assert text == "differs in: the fingerprint format"
