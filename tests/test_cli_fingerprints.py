@@ -56,7 +56,7 @@ def test_model_commands_name_field_and_values(world, command, capsys, tmp_path):
     model, other = str(root / "m"), str(root / "other.h5")
     argv = {"predict": ["predict", model, other, "--out", str(tmp_path / "p.csv")],
             "evaluate": ["evaluate", model, "--cache", other, "--out", str(tmp_path / "m.json")],
-            "export": ["export", model, "--out", str(tmp_path / "net"), "--cache", other, "--no-progress"]}[command]
+            "export": ["export", model, "--out", str(tmp_path / "net"), "--cache", other]}[command]  # export with its progress bar on: still one line
     err = _refusal(capsys, argv)
     assert f"backbone {BACKBONE!r}" in err
     assert f"differs in: weights_sha256 (model {sha['c']}, cache {sha['other']})" in err
