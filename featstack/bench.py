@@ -46,7 +46,7 @@ from sklearn.base import clone
 from sklearn.metrics import accuracy_score, f1_score
 
 from . import __version__
-from .cache import Cache, open_cache
+from .cache import Cache, open_cache, select_rows
 from .errors import CacheError, CacheMismatchError, ConfigError, DataError
 from .fusion import bench_sizes_hint, fusion_spec, list_fusions, out_of_fold, stack_method, stack_splitter
 from .heads import create_head, head_spec, labels_from_decision
@@ -109,7 +109,7 @@ def bench_rows(cache: Cache) -> tuple[np.ndarray, np.ndarray, int]:
     ``excluded`` counts labelled train rows dropped because their input failed to decode.
     """
     train = cache.rows("train")
-    labelled_train = int(np.count_nonzero(cache.split_mask("train") & (cache.labels >= 0)))
+    labelled_train = len(select_rows(cache.labels, cache.splits, "train"))  # decoded or not
     return train, cache.rows("test"), labelled_train - len(train)
 
 

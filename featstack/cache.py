@@ -96,6 +96,34 @@ def feature_fingerprint_fields(meta: dict) -> dict:
     return fields
 
 
+def _shown(value) -> str:
+    """A fingerprint field's value as one short token of an error line (hashes cut to 12)."""
+    if isinstance(value, str) and len(value) >= 32 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    text = repr(value) if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def fingerprint_differences(saved: dict, found: dict, fields: Sequence[str] | None = None, *,
+                            labels: tuple[str, str] = ("saved", "found")) -> str:
+    """``"differs in: preprocess (saved 'fast', found 'reference'), ..."``: the one wording of
+    every fingerprint refusal (extract, predict, evaluate, export, run), so the user sees which
+    setting to change instead of two hashes. A mapping field (data_config) names its entries
+    that differ. ``fields``: the fields to compare (default: every fingerprint field)."""
+    fields = fields if fields is not None else FINGERPRINT_FIELDS + OPTIONAL_FINGERPRINT_FIELDS
+    parts = []
+    for f in fields:
+        a, b = saved.get(f), found.get(f)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            pairs = [(f"{f}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+        else:
+            pairs = [(f, a, b)]
+        parts += [f"{name} ({labels[0]} {_shown(x)}, {labels[1]} {_shown(y)})" for name, x, y in pairs]
+    return "differs in: " + (", ".join(parts) or "the fingerprint format")
+
+
 def _sha256(*parts: bytes) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -106,6 +134,25 @@ def _sha256(*parts: bytes) -> str:
 
 def _canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def split_mask(splits: np.ndarray, split: str) -> np.ndarray:
+    """Rows of one split (an unknown split name is an error, not an empty selection)."""
+    if split not in SPLITS:
+        raise CacheError(f"unknown split {split!r}: splits are {', '.join(SPLITS)}")
+    return np.asarray(splits) == split
+
+
+def select_rows(labels: np.ndarray, splits: np.ndarray, split: str | None = None, labelled: bool = True,
+                valid: np.ndarray | None = None) -> np.ndarray:
+    """The one row selection (training, scoring, fine-tuning): indices of the rows in ``split``
+    (None: any), labelled unless ``labelled=False``, and ``valid`` (input decoded) when given."""
+    mask = np.ones(len(labels), dtype=bool) if valid is None else np.array(valid, dtype=bool)
+    if split is not None:
+        mask &= split_mask(splits, split)
+    if labelled:
+        mask &= np.asarray(labels) >= 0
+    return np.flatnonzero(mask)
 
 
 @dataclass
@@ -165,6 +212,11 @@ class SampleTable:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def rows(self, split: str | None = None, labelled: bool = True) -> np.ndarray:
+        """Rows of a data source by :func:`select_rows` (whether each input decodes is known only
+        once it is read: the caller skips failures then)."""
+        return select_rows(self.labels, self.splits, split, labelled)
 
     def fingerprint(self) -> str:
         """sha256 over everything that fixes what row i means."""
@@ -549,10 +601,10 @@ class CacheWriter:
             gen = folder / cur
         else:
             if not overwrite:
-                diff = [f for f in FINGERPRINT_FIELDS + OPTIONAL_FINGERPRINT_FIELDS if old.get(f) != meta.get(f)]
+                diff = fingerprint_differences(old, meta, labels=("cached", "now"))
                 raise CacheMismatchError(
                     f"{self.path}: backbone {key!r} is cached with another fingerprint "
-                    f"(differs in: {', '.join(diff) or 'format'}); pass --overwrite to replace it")
+                    f"({diff}); pass --overwrite to replace it")
             gen = self._start_generation(folder, meta, shard_rows, keep=cur)
         self._plans[key] = _Plan(gen, meta["fingerprint"], cur)
         rows = int(_read_meta(gen)["shard_rows"])
@@ -887,18 +939,11 @@ class Cache:
 
     def rows(self, split: str | None = None, labelled: bool = True) -> np.ndarray:
         """Indices of the rows to fit or score on: input decoded, in ``split`` (None: any),
-        and labelled unless ``labelled=False``."""
-        mask = self.valid
-        if split is not None:
-            mask &= self.split_mask(split)
-        if labelled:
-            mask &= self.labels >= 0
-        return np.flatnonzero(mask)
+        and labelled unless ``labelled=False`` (:func:`select_rows`)."""
+        return select_rows(self.labels, self.splits, split, labelled, valid=self.valid)
 
     def split_mask(self, split: str) -> np.ndarray:
-        if split not in SPLITS:
-            raise CacheError(f"unknown split {split!r}: splits are {', '.join(SPLITS)}")
-        return self.splits == split
+        return split_mask(self.splits, split)
 
     def backbone_info(self, key: str) -> dict:
         """Metadata of one backbone: timm name, weights, data config, versions, fingerprint..."""

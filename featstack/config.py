@@ -77,23 +77,27 @@ def setting(default: Any = MISSING, help: str = "", *, choices: Sequence[str] | 
             what: str | None = None, minimum: float | None = None, cli: str | None = "option",
             flag: str | None = None, cli_required: bool = False, metavar: str | None = None,
             yaml: str = "section", api: str | None = "", default_text: str | None = None,
-            pairs: bool = False, flags: dict | None = None, parse: Callable[[str], Any] | None = None) -> Any:
+            pairs: bool = False, flags: dict | None = None, parse: Callable[[str], Any] | None = None,
+            positional_alias: str | None = None) -> Any:
     """A stage setting (a dataclass field with the metadata the CLI, YAML and API derive from).
 
     ``choices``: allowed values (for a list, of each element); a callable is read at check time.
     ``what``: the noun in "unknown head 'x'". ``minimum``: smallest allowed number.
-    ``cli``: "option", "positional" or None (no command-line form; then ``yaml_only`` says why).
+    ``cli``: "option", "positional" or None (no command-line form: tests/test_config.py allows none
+    in a stage, whose options and YAML keys must match one to one).
     ``flag``: the option's name when not ``--name-with-dashes``. ``yaml``: "section", "top:KEY",
     "backbone:KEY", "wired:WHAT" (set by the pipeline) or "none:WHY". ``api``: the keyword of the
     stage function ("" = the field name, None = not passed). ``pairs``: a repeatable KEY=VALUE
     option (a dict). ``flags``: a mutually exclusive pair of switches ``{"--a": True, "--b": False}``
     with their help texts. ``parse``: turns a command-line (or YAML string) value into the field's
-    value, raising ValueError with a short reason (e.g. "auto" → None).
+    value, raising ValueError with a short reason (e.g. "auto" → None). ``positional_alias``: the
+    option may also be given as an optional positional argument of this name (``featstack extract
+    SRC CACHE`` beside ``--data SRC --cache CACHE``); giving both with different values is an error.
     """
     meta = {"help": help, "choices": choices, "what": what, "minimum": minimum, "cli": cli, "flag": flag,
             "cli_required": cli_required, "metavar": metavar, "yaml": yaml, "api": api,
             "default_text": default_text, "pairs": pairs, "flags": flags,
-            "parse": parse}
+            "parse": parse, "positional_alias": positional_alias}
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -117,6 +121,11 @@ class Setting:
     @property
     def flag(self) -> str:
         return self.meta["flag"] or "--" + self.name.replace("_", "-")
+
+    @property
+    def alias_dest(self) -> str | None:
+        """The argparse destination of the optional positional spelling, when the field has one."""
+        return f"{self.name}__positional" if self.meta["positional_alias"] else None
 
     @property
     def api_name(self) -> str | None:
@@ -263,7 +272,8 @@ def _help(s: Setting) -> str:
     if s.meta["cli"] == "positional":
         return text
     if s.required or s.meta["cli_required"]:
-        return f"{text} (required)"
+        alias = s.meta["positional_alias"]
+        return f"{text} (required{': this or ' + alias if alias else ''})"
     return f"{text} (default: {s.default_display().replace('%', '%%')})"
 
 
@@ -273,6 +283,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         kind = s.meta["cli"]
         if kind is None:
             continue
+        if s.alias_dest:
+            parser.add_argument(s.alias_dest, nargs="?", default=None, metavar=s.meta["positional_alias"],
+                                help=f"same as {s.flag}")
         if kind == "positional":
             parser.add_argument(s.name, help=_help(s), metavar=s.meta["metavar"])
             continue
@@ -299,8 +312,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         else:
             scalar = s.meta["parse"] and _cli_parser(s) or (
                 next((t for t in s.types if t in (int, float)), str) if list not in s.types else str)
+            required = (s.required or s.meta["cli_required"]) and not s.alias_dest  # else checked in from_args
             action = parser.add_argument(s.flag, type=scalar, default=None if s.required else _cli_default(s),
-                                         required=s.required or s.meta["cli_required"], **kw)
+                                         required=required, **kw)
         if callable(static):
             action.lazy_choices = static
 
@@ -345,13 +359,26 @@ def from_args(cls, args: argparse.Namespace):
     for s in settings(cls):
         if s.meta["cli"] is None:
             continue
-        v = getattr(args, s.name)
+        v = _merge_alias(s, args) if s.alias_dest else getattr(args, s.name)
         if s.meta["pairs"]:
             v = parse_pairs(s.flag, v, s.meta["metavar"])
         elif list in s.types:
             v = split_list(v)
         values[s.name] = v
     return check(cls(**values))
+
+
+def _merge_alias(s: Setting, args: argparse.Namespace) -> Any:
+    """The value of a field given as its option or its positional alias (one value, or an error)."""
+    flag_value, positional = getattr(args, s.name), getattr(args, s.alias_dest)
+    name = s.meta["positional_alias"]
+    given_flag = flag_value is not None and flag_value != _cli_default(s)
+    if positional is not None and given_flag and flag_value != positional:
+        raise ConfigError(f"{name} {positional!r} and {s.flag} {flag_value!r} disagree; give one of them")
+    value = positional if positional is not None else flag_value
+    if value is None and (s.required or s.meta["cli_required"]):
+        raise ConfigError(f"{s.flag} (or {name}) is required")
+    return value
 
 
 def api_kwargs(cfg, *, skip: Sequence[str] = ()) -> dict[str, Any]:
@@ -402,14 +429,13 @@ class BackboneConfig:
 class ExtractConfig:
     """`featstack extract`: images → embeddings of several backbones → HDF5 cache."""
 
-    data: str = setting(MISSING, DATA_HELP, yaml="top:data",
-                        api="source")
+    data: str = setting(MISSING, DATA_HELP, yaml="top:data", api="source", positional_alias="SRC")
     backbones: list[str] = setting(MISSING, "comma-separated backbone keys: timm model names, tv:NAME "
                                             "(torchvision), NAME=ARCH (your own name), ARCH@LAYER[:POOL] (an "
                                             "intermediate layer pooled avg|max|avgmax|cls, e.g. resnet50@layer3:avg)",
                                    yaml="top:backbones")
     cache: str | None = setting(None, "cache index path", default_text="cache/<data name>.h5", yaml="top:cache",
-                                api="cache_path")
+                                api="cache_path", positional_alias="CACHE")
     weights: str = setting("hub", "hub = timm pretrained weights; none = seeded random init", choices=CLI_WEIGHTS,
                            yaml="top:weights")
     weights_file: dict[str, str] = setting({}, "local .safetensors/.pth weights for one backbone (repeatable); "
@@ -503,8 +529,9 @@ class TrainConfig:
 
     cache: str = setting(MISSING, "path of the cache index file (e.g. cache/x.h5)", cli="positional",
                          yaml="top:cache")
-    backbones: list[str] | None = setting(None, "comma-separated backbone keys, in column order",
-                                          cli_required=True, default_text="in a pipeline: the bench's best")
+    backbones: list[str] | None = setting(None, "comma-separated backbone keys, in column order (naming them "
+                                                "trains that model: --model named)",
+                                          default_text="the best row of --bench DIR; in a pipeline: the bench's")
     head: str | None = setting("logreg", "head name", choices=head_names, what="head")
     fusion: str | None = setting(None, "how to combine backbones", choices=fusion_names, what="fusion",
                                  default_text="single for one backbone, concat otherwise")
@@ -514,10 +541,14 @@ class TrainConfig:
     cv: int = setting(5, "stratified folds of the stacking fusion", minimum=2)
     seed: int = setting(0, "seed of the folds and heads", api="random_state")
     n_jobs: int | None = setting(None, "joblib workers (stack: blocks x folds)", default_text="1")
-    model: str = setting("best", "best: the top row of the bench; named: train.backbones/head/fusion",
-                         choices=TRAIN_MODELS, cli=None, api=None)
-    metric: str = setting("cv_accuracy_mean", "bench column that ranks the models for model: best",
-                          cli=None, api=None)
+    model: str = setting("best", "best: the top row of a bench (--bench DIR; in a pipeline: its bench stage) by "
+                                 "--metric; named: the --backbones/--head/--fusion given (the default as soon as "
+                                 "--backbones is; in YAML, train.head)", choices=TRAIN_MODELS, api=None)
+    metric: str = setting("cv_accuracy_mean", "bench column that ranks the models for --model best",
+                          api=None)
+    bench: str | None = setting(None, "bench output folder (holding bench.json) whose best row --model best trains",
+                                metavar="DIR", api=None, yaml="wired:the pipeline's bench stage",
+                                default_text="none; in a pipeline: the bench stage's results")
 
 
 def default_fusion(cfg: TrainConfig) -> str:
@@ -529,11 +560,6 @@ def default_finetune_workers() -> int:
     """Decode workers of fine-tuning when none are named: cores - 1, at most 4."""
     import os
     return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
-# YAML keys without a command-line option, and why (test_config checks this list is exact).
-YAML_ONLY = {("train", "model"): "the pipeline chooses among the bench rows; the CLI names the model",
-             ("train", "metric"): "the pipeline chooses among the bench rows; the CLI names the model"}
 
 
 @dataclass
@@ -598,10 +624,22 @@ class FinetuneConfig:
 
 @dataclass
 class ReportConfig:
-    """The report of a run folder (report.md + a self-contained report.html)."""
+    """`featstack report DIR`: the report of a bench or run folder (report.md + a self-contained
+    report.html). What it reads besides the folder is recorded in DIR/report.json; the options
+    override it."""
 
-    out: str = setting(MISSING, "run folder: its bench results are summed up, report.html is written there",
-                       cli="positional", yaml="top:out")
+    out: str = setting(MISSING, "bench or run output folder (holding bench.json): its results are summed up, "
+                                "report.html is written there", cli="positional", yaml="top:out", api="folder",
+                       metavar="DIR")
+    data: str | None = setting(None, "the images the cache was extracted from, for thumbnails of misclassified "
+                                     "test images", yaml="top:data", api=None,
+                               default_text="the one recorded in report.json, if any")
+    model: str | None = setting(None, "saved model folder to report on", yaml="wired:the train stage's model folder",
+                                api=None, default_text="the recorded one, else the bench's best configuration "
+                                                       "refitted")
+    network: str | None = setting(None, "network folder to report on",
+                                  yaml="wired:the export (or finetune) stage's network folder", api=None,
+                                  default_text="the recorded one")
 
 
 STAGES: dict[str, type] = {"extract": ExtractConfig, "bench": BenchConfig, "train": TrainConfig,

@@ -384,8 +384,7 @@ def split_rows(source, classes: Sequence[str], val_fraction: float = 0.1, seed: 
                         f"network's classes ({', '.join(classes[:10])}{'...' if len(classes) > 10 else ''})")
     targets = np.full(len(s), -1, dtype=np.int64)
     targets[labelled] = [pos[names[int(l)]] for l in s.labels[labelled]]
-    train = np.flatnonzero(labelled & (s.splits == "train"))
-    val = np.flatnonzero(labelled & (s.splits == "val"))
+    train, val = s.rows("train"), s.rows("val")
     where = "val split"
     if not len(val):
         if not 0 < val_fraction < 1:
@@ -606,10 +605,6 @@ def _write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
-def _test_rows(source, targets: np.ndarray) -> np.ndarray:
-    return np.flatnonzero((targets >= 0) & (np.asarray(source.samples.splits) == "test"))
-
-
 def score_on_test(net: FeatstackNet, source, rows: np.ndarray, targets: np.ndarray, batch_size: int,
                   device) -> dict:
     """Accuracy, macro-F1, per-class figures and confusion matrix of ``net`` on the test rows (the
@@ -684,7 +679,7 @@ def finetune(network, data, *, out, epochs: int = 5, freeze: str = "top-2", lr: 
         train = np.asarray([r for r in train if r in keep], dtype=np.int64)
         if not len(train):
             raise DataError("train_rows selects no labelled train row")
-    test = _test_rows(source, targets)
+    test = source.samples.rows("test")
     if weight_decay is None:
         weight_decay, wd_from = derived_weight_decay(net, len(train))
     else:

@@ -444,8 +444,15 @@ def check_fusion(name: str) -> str:
 
 
 def check_backbone_count(fusion: str, n: int, keys: Sequence[str] = ()) -> None:
-    """Refuse more backbones than a fusion takes (``single``: exactly one)."""
+    """Refuse fewer or more backbones than a fusion takes (``single``: exactly one; ``stack``:
+    2+), by the rule the bench plans with (the spec's bounds) and in its words."""
     spec = fusion_spec(fusion)
+    if n < spec.min_backbones:
+        named = f" ({', '.join(keys)})" if keys else ""
+        fits = ", ".join(f for f, s in FUSION_SPECS.items() if s.min_backbones <= n and
+                         (s.max_backbones is None or n <= s.max_backbones))
+        raise ConfigError(f"fusion {fusion!r} needs {backbone_sizes(spec)}, got {n}{named}"
+                          f"{'; use ' + fits if fits else ''}")
     if spec.max_backbones is not None and n > spec.max_backbones:
         took = "exactly one backbone" if spec.max_backbones == 1 else f"at most {spec.max_backbones} backbones"
         named = f" ({', '.join(keys)})" if keys else ""
@@ -473,14 +480,17 @@ def fusion_of_estimator(estimator) -> FusionSpec | None:
     return fusion_root_types().get(type_name(estimator))
 
 
+def backbone_sizes(s: FusionSpec) -> str:
+    """How many backbones a fusion takes, in words ("size 1", "2+ backbones")."""
+    if s.max_backbones == s.min_backbones:
+        return f"size {s.min_backbones}"
+    return f"{s.min_backbones}+ backbones" if s.max_backbones is None else \
+        f"{s.min_backbones}..{s.max_backbones} backbones"
+
+
 def bench_sizes_hint() -> str:
     """Which subset sizes each fusion is benched on, for "nothing to evaluate" errors."""
-    def sizes(s: FusionSpec) -> str:
-        if s.max_backbones == s.min_backbones:
-            return f"size {s.min_backbones}"
-        return f"{s.min_backbones}+ backbones" if s.max_backbones is None else \
-            f"{s.min_backbones}..{s.max_backbones} backbones"
-    return "; ".join(f"{n!r} needs {sizes(s)}" for n, s in FUSION_SPECS.items())
+    return "; ".join(f"{n!r} needs {backbone_sizes(s)}" for n, s in FUSION_SPECS.items())
 
 
 def build_model(head: str, fusion: str, dims: Sequence[int], *, cv: int = 5, random_state: int = 0,

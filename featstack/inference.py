@@ -84,9 +84,15 @@ def predict_source(net: FeatstackNet, source, rows: Sequence[int] | None = None,
             yield Predictions(batch_rows, proba, pred, errors)
 
 
+# The fields a network's cached features must share with a cache to be scored from it (the
+# network decodes its own way, so decode and storage dtype do not count).
+NETWORK_CACHE_FIELDS = ("weights_sha256", "data_config", "preprocess", "dim")
+
+
 def check_cache_features(net: FeatstackNet, cache) -> None:
     """Refuse a cache whose features were not computed by this network's backbones (other
     weights, e.g. after fine-tuning, other preprocessing or width), naming the differing fields."""
+    from .cache import fingerprint_differences
     from .errors import CacheMismatchError
 
     for info in net.backbone_info:
@@ -95,13 +101,13 @@ def check_cache_features(net: FeatstackNet, cache) -> None:
             raise CacheMismatchError(f"{cache.path}: backbone {key!r} of the network is not in this cache "
                                      f"(it has: {', '.join(cache.all_backbones) or 'none'})")
         have = cache.backbone_info(key)
-        differ = [f for f in ("weights_sha256", "data_config", "preprocess", "dim")
-                  if info.get(f) is not None and have.get(f) != info.get(f)]
+        differ = [f for f in NETWORK_CACHE_FIELDS if info.get(f) is not None and have.get(f) != info.get(f)]
         if differ:
             hint = (" (the network was fine-tuned: its backbone weights changed; evaluate it on images with "
                     "--data)" if "weights_sha256" in differ else "")
+            diff = fingerprint_differences(info, have, differ, labels=("network", "cache"))
             raise CacheMismatchError(f"{cache.path}: backbone {key!r} features differ from the network's "
-                                     f"(differs in: {', '.join(differ)}){hint}")
+                                     f"({diff}){hint}")
 
 
 @torch.no_grad()

@@ -34,7 +34,8 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .cache import FEATURE_FINGERPRINT_FIELDS, Cache, feature_fingerprint_fields, open_cache  # noqa: F401
+from .cache import (FEATURE_FINGERPRINT_FIELDS, Cache, feature_fingerprint_fields,  # noqa: F401
+                    fingerprint_differences, open_cache)
 from .atomic import atomic_paths
 from .errors import CacheError, CacheMismatchError, ConfigError, DataError, FeatstackError, read_format_json
 from .fusion import (FUSION_SPECS, build_model, check_backbone_count, check_class_counts, first_non_finite,
@@ -188,13 +189,21 @@ class SavedModel:
                 raise CacheMismatchError(
                     f"backbone {key!r} of model {self.name} is not in {cache.path} (it has: {have}); "
                     f"extract it with `featstack extract ... --backbones {key} --cache {cache.path}`")
-            got = feature_fingerprint(cache.backbone_info(key))
+            info = cache.backbone_info(key)
+            got = feature_fingerprint(info)
             if got != want:
                 raise CacheMismatchError(
                     f"backbone {key!r} in {cache.path} was extracted differently from the one model "
-                    f"{self.name} was trained on (fingerprint {got[:12]} vs {want[:12]}): other "
-                    "weights, preprocessing or width; re-extract it the same way")
+                    f"{self.name} was trained on (fingerprint model {want[:12]}, cache {got[:12]}; "
+                    f"{self._differences(key, info)}); re-extract it the same way")
         return cache
+
+    def _differences(self, key: str, info: dict) -> str:
+        """Which feature fingerprint fields of ``key`` differ between the model and a cache."""
+        saved = (self.meta.get("feature_fields") or {}).get(key)
+        if saved is None:  # saved before models recorded the fields: only the hashes are known
+            return "this model records no fingerprint fields: other weights, preprocessing or width"
+        return fingerprint_differences(saved, feature_fingerprint_fields(info), labels=("model", "cache"))
 
     def fingerprints_list(self) -> list[str]:
         return [self.fingerprints[k] for k in self.backbones]
@@ -306,6 +315,30 @@ def check_training_classes(cache: Cache, y: np.ndarray, need: int, why: str, hin
                        unit="row(s)", hint=hint, error=DataError)
 
 
+def best_model(rows: Sequence[dict], metric: str = "cv_accuracy_mean") -> tuple[list[str], str, str]:
+    """(backbones, head, fusion) of the bench's best row by ``metric`` (the bench's ranking rule,
+    :func:`featstack.bench.best_row`): what ``model: best`` trains, in a pipeline and on the CLI."""
+    from .bench import best_row
+
+    best = best_row(rows, metric)
+    return str(best["backbones"]).split("+"), str(best["head"]), str(best["fusion"])
+
+
+def read_bench_rows(folder: str | os.PathLike) -> list[dict]:
+    """The result rows of a bench output folder (its bench.json); one ConfigError line naming the
+    file when it is missing or unreadable."""
+    path = Path(folder) / "bench.json"
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; run `featstack bench CACHE --out {folder}` first") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a featstack bench result ({type(e).__name__}: {e})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"{path}: 'rows' is not a list of result rows")
+    return rows
+
+
 def train_model(cache: Cache | str | os.PathLike, backbones: str | Sequence[str], head: str,
                 fusion: str, *, out: str | os.PathLike | None = None, tune: bool = False,
                 cv: int = 5, random_state: int = 0, n_jobs: int | None = None,
@@ -359,6 +392,7 @@ def train_model(cache: Cache | str | os.PathLike, backbones: str | Sequence[str]
         "classes": list(cache.classes),
         "labels": [int(c) for c in est.classes_],
         "fingerprints": {k: feature_fingerprint(infos[k]) for k in keys},
+        "feature_fields": {k: feature_fingerprint_fields(infos[k]) for k in keys},
         "cache_fingerprints": {k: infos[k].get("fingerprint") for k in keys},
         "timm_names": {k: infos[k].get("timm_name") for k in keys},
         "cache_fingerprint": cache.dataset_fingerprint,

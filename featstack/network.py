@@ -405,10 +405,11 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, cache
     import sys
     from tqdm.auto import tqdm
 
+    cache = saved.check_cache(cache_path)  # a fingerprint refusal is one line, before the progress bar
     steps = 2 + len(saved.backbones) + int(onnx)  # head, backbones, save, onnx
     with tqdm(total=steps, desc="export", unit="step", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
-        net = build_network(saved, cache_path, head_dtype=head_dtype, bar=bar)
+        net = build_network(saved, cache, head_dtype=head_dtype, bar=bar)
         _step(bar, "saving")
         out = save_network(net, out_dir)
         if onnx:

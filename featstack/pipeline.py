@@ -409,12 +409,11 @@ def _choose_model(p: Pipeline, rows: list[dict] | None) -> tuple[list[str], str,
         raise p.error("train.model", "the bench produced no results to choose from")
     if metric not in rows[0]:
         raise p.error("train.metric", f"{metric!r} is not a bench column ({', '.join(rows[0])})")
-    from .bench import best_row
+    from .models import best_model
     try:
-        best = best_row(rows, metric)
+        return best_model(rows, metric)
     except FeatstackError as e:
         raise p.error("train.metric", str(e)) from None
-    return str(best["backbones"]).split("+"), str(best["head"]), str(best["fusion"])
 
 
 def _stage_train(p: Pipeline, res: PipelineResult, cache, rows) -> Path:

@@ -69,8 +69,8 @@ def _se(r: dict | None) -> float:
 def advise(cache, rows: list[dict], ctx: dict | None = None) -> Advice:
     """The recommendation for this cache and bench (see the module docstring for the rule)."""
     ctx = ctx or {}
-    train = (cache.splits == "train") & (cache.labels >= 0) & cache.valid
-    counts = [int(np.sum(train & (cache.labels == i))) for i in range(len(cache.classes))]
+    train = cache.labels[cache.rows("train")]
+    counts = [int(np.sum(train == i)) for i in range(len(cache.classes))]
     counts = [c for c in counts if c] or [0]
     per_class = float(np.median(counts))
     size = size_class(per_class)
@@ -108,7 +108,7 @@ def advise(cache, rows: list[dict], ctx: dict | None = None) -> Advice:
     freeze = choose_freeze(size, similar)
     augment = "light" if size == "small" else "none"
     epochs = 10 if size != "large" else 5
-    n_val = int(np.sum((cache.splits == "val") & (cache.labels >= 0)))
+    n_val = len(cache.rows("val"))
     if n_val < 50:
         caveats.append(f"the data has {n_val} val images: give it a val split of 50+ images, or keep the last epoch "
                        "(--select last), since picking epochs on a tiny val set is noise")

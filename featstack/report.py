@@ -271,7 +271,7 @@ def _embedding_section(cache, out: Path) -> Section | None:
 
     from . import plots
 
-    rows = np.flatnonzero((cache.labels >= 0) & cache.valid)
+    rows = cache.rows()
     if len(rows) < 3 or not cache.backbones:
         return None
     if len(rows) > MAX_MAP_POINTS:

@@ -10,12 +10,12 @@ import pytest
 
 from featstack import config
 from featstack.cli import build_parser, main
-from featstack.config import (MISSING, STAGES, YAML_ONLY, BackboneConfig, BenchConfig, PipelineConfig, from_args,
+from featstack.config import (MISSING, STAGES, BackboneConfig, BenchConfig, PipelineConfig, from_args,
                               settings)
 from featstack.errors import ConfigError
 from featstack.pipeline import _SECTIONS, load_pipeline
 
-COMMANDS = ["extract", "bench", "train", "export", "finetune"]
+COMMANDS = ["extract", "bench", "train", "export", "finetune", "report"]
 
 MINIMAL = """\
 data: demo
@@ -59,19 +59,21 @@ def _yaml_keys(stage: str) -> dict[str, str]:
 def test_every_cli_option_is_a_yaml_key_and_back(stage):
     options = _options(_subparser(stage))
     fields = {s.name: s for s in settings(STAGES[stage])}
+    # a positional alias (`extract SRC CACHE`) is another spelling of one field's option
+    aliases = {s.alias_dest: s.name for s in fields.values() if s.alias_dest}
+    assert set(aliases) <= set(options)
+    for dest, name in aliases.items():
+        assert not options[dest].option_strings and options[dest].nargs == "?" and name in options
+        options.pop(dest)
     # the command's options are exactly the dataclass's fields (none hand-written beside it)
     assert set(options) == {n for n, s in fields.items() if s.meta["cli"] is not None}
     yaml_keys = _yaml_keys(stage)
     for dest, action in options.items():
         assert dest in yaml_keys, f"featstack {stage} {action.option_strings or dest} has no YAML key"
     for name, key in yaml_keys.items():
-        if (stage, name) in YAML_ONLY:
-            assert name not in options
-            continue
         assert name in options, f"YAML key {key} has no `featstack {stage}` option"
-    # the exceptions are exactly the declared ones, each with its reason
-    no_cli = {(stage, n) for n, s in fields.items() if s.meta["cli"] is None}
-    assert no_cli == {k for k in YAML_ONLY if k[0] == stage}
+    # no exceptions: every field has a command-line form (train.model/metric included)
+    assert [n for n, s in fields.items() if s.meta["cli"] is None] == []
 
 
 @pytest.mark.parametrize("stage", COMMANDS)
@@ -80,9 +82,34 @@ def test_every_option_shows_help_and_default(stage):
     for dest, action in _options(_subparser(stage)).items():
         assert action.help, f"{stage} {dest}: no help"
         if action.option_strings:
-            shown = "default" in action.help or (action.required and "(required)" in action.help)
+            # required by argparse, or (an option with a positional alias) by from_args
+            required = action.required or "(required: this or " in action.help
+            shown = "default" in action.help or (required and "(required" in action.help)
             assert shown, f"featstack {stage} {action.option_strings[0]}: no default shown"
     assert "{choices}" not in text  # registry choices filled in when help is shown
+
+
+def _all_parsers(parser: argparse.ArgumentParser, name: str = "featstack"):
+    """(command line, parser) of every command and subcommand (`featstack weights convert`)."""
+    yield name, parser
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for n, p in a.choices.items():
+                yield from _all_parsers(p, f"{name} {n}")
+
+
+def test_every_option_of_every_command_shows_help_and_default():
+    """Hand-written commands too (predict, evaluate, run, verify, info, report, weights)."""
+    seen = 0
+    for name, parser in _all_parsers(build_parser()):
+        for a in parser._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            seen += 1
+            assert a.help, f"{name} {a.option_strings or a.dest}: no help"
+            if a.option_strings and not a.required:
+                assert "default" in a.help or "(required" in a.help, f"{name} {a.option_strings[0]}: no default"
+    assert seen > 100
 
 
 def test_registry_choices_are_read_when_used(monkeypatch):
@@ -117,7 +144,7 @@ def test_yaml_defaults_equal_cli_defaults(stage, tmp_path):
 STAGE_FUNCTIONS = {
     "extract": ("featstack.extract", "extract"), "bench": ("featstack.bench", "run_bench"),
     "train": ("featstack.models", "train_model"), "export": ("featstack.export", "export_model"),
-    "finetune": ("featstack.finetune", "finetune"),
+    "finetune": ("featstack.finetune", "finetune"), "report": ("featstack.report", "build_report"),
 }
 
 
@@ -180,6 +207,11 @@ def test_named_model_without_fusion_takes_the_cli_default(tmp_path):
     (["extract", "--data", "demo", "--backbones", "test_vit", "--weights-file", "nope"],
      "featstack extract: error: --weights-file 'nope': expected KEY=PATH"),
     (["train", "x.h5", "--backbones", "a", "--out", "m", "--fusion", "nope"], "featstack train: error: unknown fusion"),
+    (["extract", "photos", "c.h5", "--data", "other", "--backbones", "test_vit"],
+     "featstack extract: error: SRC 'photos' and --data 'other' disagree; give one of them"),
+    (["extract", "photos", "c.h5", "--cache", "d.h5", "--backbones", "test_vit"],
+     "featstack extract: error: CACHE 'c.h5' and --cache 'd.h5' disagree; give one of them"),
+    (["extract", "--backbones", "test_vit"], "featstack extract: error: --data (or SRC) is required"),
 ])
 def test_cli_values_are_checked_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -187,6 +219,20 @@ def test_cli_values_are_checked_before_any_work(argv, message, capsys, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_extract_takes_src_and_cache_positionally():
+    """`featstack extract SRC CACHE` = `--data SRC --cache CACHE`; one positional = SRC; giving a
+    flag and its positional with the same value is fine."""
+    from featstack.config import ExtractConfig
+
+    def parsed(*argv):
+        return from_args(ExtractConfig, _subparser("extract").parse_args([*argv, "--backbones", "test_vit"]))
+
+    flags = parsed("--data", "photos", "--cache", "c.h5")
+    assert parsed("photos", "c.h5") == flags == parsed("photos", "--cache", "c.h5") == parsed("photos", "c.h5",
+                                                                                             "--data", "photos")
+    assert (parsed("photos").data, parsed("photos").cache) == ("photos", None)
 
 
 def _number_or_auto(text: str) -> float | None:
@@ -206,12 +252,16 @@ def test_a_new_field_becomes_an_option_and_a_key():
         bar: bool = config.setting(True, "progress bar")
         files: dict[str, str] = config.setting({}, "files", pairs=True, metavar="KEY=PATH")
         decay: float | None = config.setting(0.5, "decay", parse=_number_or_auto, default_text="0.5; auto: derived")
+        dst: str | None = config.setting(None, "output", positional_alias="DST", default_text="next to src")
 
     p = argparse.ArgumentParser(formatter_class=config.HelpFormatter)
     config.add_arguments(p, Toy)
     cfg = from_args(Toy, p.parse_args(["in", "--names", "b,a", "--size", "3", "--rate", "1", "--fast",
                                        "--no-bar", "--files", "k=v", "--files", "j=w"]))
     assert cfg == Toy("in", ["b", "a"], 3, 1.0, True, False, {"k": "v", "j": "w"}, 0.5)
+    assert from_args(Toy, p.parse_args(["in", "out"])).dst == from_args(Toy, p.parse_args(["in", "--dst", "out"])).dst
+    with pytest.raises(ConfigError, match=r"DST 'a' and --dst 'b' disagree"):
+        from_args(Toy, p.parse_args(["in", "a", "--dst", "b"]))
     assert from_args(Toy, p.parse_args(["in", "--decay", "auto"])).decay is None
     assert from_args(Toy, p.parse_args(["in", "--decay", "0.25"])).decay == 0.25
     with pytest.raises(SystemExit):

@@ -152,6 +152,10 @@ def test_evaluate_refusals_name_the_problem(world, tmp_path, capsys):
     assert main(["evaluate", str(tuned), "--cache", str(world["cache"])]) == 2
     err = capsys.readouterr().err
     assert "differs in: weights_sha256" in err and "--data" in err and err.count("\n") == 1
+    from featstack.cache import open_cache
+    cached = open_cache(world["cache"]).backbone_info(BACKBONE)["weights_sha256"][:12]
+    tuned_sha = load_network(tuned).backbone_info[0]["weights_sha256"][:12]
+    assert tuned_sha != cached and f"weights_sha256 (network {tuned_sha}, cache {cached})" in err
     assert main(["evaluate", str(world["model"]), "--data", str(world["photos"])]) == 2
     assert "saved model" in capsys.readouterr().err
     assert main(["evaluate", str(world["model"]), "--cache", str(world["cache"]), "--split", "val"]) == 2

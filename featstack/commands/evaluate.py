@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .predict import split_or_any
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -28,7 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="decode workers with --data (default: cores - 1, at most 4)")
     p.add_argument("--device", default="auto", help="device for a network: auto, cpu, cuda, ... (default auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a progress bar on standard error)")
     return p
 
 
@@ -38,15 +40,6 @@ def output_paths(out: str) -> tuple[Path, Path]:
     if path.suffix.lower() == ".json":
         return path, path.with_name(f"{path.stem}-confusion.png")
     return path / "metrics.json", path / "confusion.png"
-
-
-def _labelled(labels, splits, split: str):
-    import numpy as np
-
-    mask = np.asarray(labels) >= 0
-    if split != "all":
-        mask &= np.asarray(splits) == split
-    return np.flatnonzero(mask)
 
 
 def _no_rows(where: str, split: str):
@@ -64,8 +57,7 @@ def _model_on_cache(args) -> tuple[list, list, list, str]:
 
     model = load_model(args.target)
     cache = model.check_cache(open_cache(args.cache))
-    rows = _labelled(cache.labels, cache.splits, args.split)
-    rows = rows[cache.valid[rows]]
+    rows = cache.rows(split_or_any(args.split))
     if not len(rows):
         raise _no_rows(str(cache.path), args.split)
     pred = model.predict_names(cache, rows=rows)
@@ -83,8 +75,7 @@ def _network_on_cache(args) -> tuple[list, list, list, str]:
 
     net = load_network(args.target)
     cache = open_cache(args.cache)
-    rows = _labelled(cache.labels, cache.splits, args.split)
-    rows = rows[cache.valid[rows]]
+    rows = cache.rows(split_or_any(args.split))
     if not len(rows):
         raise _no_rows(str(cache.path), args.split)
     pred = np.asarray(net.classes, dtype=object)[predict_cached(net, cache, rows)]
@@ -103,7 +94,7 @@ def _network_on_images(args) -> tuple[list, list, list, str]:
     net = load_network(args.target)
     source = open_source(args.data)
     s = source.samples
-    rows = _labelled(s.labels, s.splits, args.split)
+    rows = s.rows(split_or_any(args.split))
     if not len(rows):
         raise _no_rows(str(args.data), args.split)
     names = np.asarray(s.classes, dtype=object)

@@ -36,7 +36,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="decode workers with --data (default: cores - 1, at most 4)")
     p.add_argument("--device", default="auto", help="device with --data: auto (cuda if available), cpu, "
                                                     "cuda, cuda:1, ... (default auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a progress bar on standard error)")
     return p
 
 
@@ -92,10 +92,9 @@ def _finish(args, n_right: int, n_labelled: int, unit: str) -> int:
     return 0
 
 
-def split_rows(splits, split: str):
-    import numpy as np
-
-    return np.ones(len(splits), dtype=bool) if split == "all" else (np.asarray(splits) == split)
+def split_or_any(split: str) -> str | None:
+    """--split as the one row selection (Cache.rows, SampleTable.rows) takes it: "all" = any."""
+    return None if split == "all" else split
 
 
 def run(args) -> int:
@@ -124,14 +123,13 @@ def _run_model(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from ..cache import open_cache
+    from ..cache import open_cache, select_rows
     from ..models import load_model
 
     model = load_model(args.model)
     cache = model.check_cache(open_cache(args.cache))
-    wanted = split_rows(cache.splits, args.split)
-    skipped = int((wanted & ~cache.valid).sum())
-    rows = np.flatnonzero(wanted & cache.valid)
+    rows = cache.rows(split_or_any(args.split), labelled=False)
+    skipped = len(select_rows(cache.labels, cache.splits, split_or_any(args.split), labelled=False)) - len(rows)
     kind = model.score_kind
     n_right = n_labelled = 0
     with csv_out(args.out) as w:
@@ -171,7 +169,7 @@ def _run_network(args) -> int:
     source = open_source(args.data)
     s = source.samples
     names = list(s.classes)
-    rows = np.flatnonzero(split_rows(s.splits, args.split))
+    rows = s.rows(split_or_any(args.split), labelled=False)
     n_right = n_labelled = n_failed = 0
     with csv_out(args.out) as w:
         w.writerow(["id", "split", "label", "pred", *[f"proba_{c}" for c in net.classes], "error"])

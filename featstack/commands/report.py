@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import ReportConfig, from_args, stage_parser
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "report", help="rebuild the HTML report of a bench or run folder",
+    """Register `featstack report`: its options are the fields of ReportConfig."""
+    return stage_parser(
+        sub, "report", ReportConfig, help="rebuild the HTML report of a bench or run folder",
         description="Rebuild DIR/report.html and DIR/report.md from what the folder holds (bench.json, the "
                     "cache it names, and the model, network and data recorded in DIR/report.json).")
-    p.add_argument("folder", help="bench or run output folder (holding bench.json)")
-    p.add_argument("--data", default=None,
-                   help="the images the cache was extracted from, for thumbnails of misclassified test images "
-                        "(default: the one recorded in report.json, if any)")
-    p.add_argument("--model", default=None, help="saved model folder to report on (default: the recorded one, "
-                                                  "else the bench's best configuration refitted)")
-    p.add_argument("--network", default=None, help="network folder to report on (default: the recorded one)")
-    return p
 
 
 def run(args) -> int:
     from ..report import build_report
 
-    path = build_report(args.folder, context={"data": args.data, "model": args.model, "network": args.network})
+    cfg = from_args(ReportConfig, args)
+    path = build_report(cfg.out, context={"data": cfg.data, "model": cfg.model, "network": cfg.network})
     print(f"wrote        {path}")
     return 0

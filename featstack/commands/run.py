@@ -13,7 +13,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "are already valid are skipped, so editing the heads and re-running does no "
                     "extraction.")
     p.add_argument("pipeline", help="pipeline file, e.g. pipelines/demo.yaml")
-    p.add_argument("--check", action="store_true", help="only validate the file and exit")
+    p.add_argument("--check", action="store_true", help="only validate the file and exit (default: off)")
     p.add_argument("--top", type=int, default=None,
                    help="bench rows to print at the end (default: the file's bench.top, see `featstack bench "
                         "--help`)")

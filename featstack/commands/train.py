@@ -1,4 +1,5 @@
-"""`featstack train CACHE --backbones a,b --head H --fusion F --out DIR`: fit and save one model."""
+"""`featstack train CACHE --backbones a,b --head H --fusion F --out DIR` (or `--bench RUN` for the
+best row of a bench): fit and save one model."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,35 @@ def add_parser(sub) -> argparse.ArgumentParser:
         sub, "train", TrainConfig, help="fit one head x fusion on a cache's training split and save it",
         description="Fit a head (optionally fused across several backbones) on the rows of the "
                     "cache's train split, report train and test accuracy, and save the model as a "
-                    "folder (model.skops + model.json, no pickle) for `featstack predict`.")
+                    "folder (model.skops + model.json, no pickle) for `featstack predict`. Name the "
+                    "model (--backbones, --head, --fusion) or train the best row of a bench folder "
+                    "(--bench DIR, ranked by --metric).")
+
+
+def choose_model(cfg: TrainConfig) -> None:
+    """Fill in the model to train (backbones, head, fusion): the ones named (``--backbones`` makes
+    ``--model named``), or with ``--model best`` the best row of ``--bench DIR`` by ``--metric``.
+    Mixing the two ways is one error line."""
+    from ..config import setting_of
+    from ..errors import ConfigError
+    from ..models import best_model, read_bench_rows
+
+    named = [flag for flag, given in (("--backbones", cfg.backbones), ("--fusion", cfg.fusion),
+                                      ("--head", cfg.head != setting_of(TrainConfig, "head").default)) if given]
+    if cfg.bench and named:
+        raise ConfigError(f"--bench picks the model (--model best); do not also name {', '.join(named)}")
+    if cfg.backbones:
+        cfg.model = "named"
+    elif cfg.model == "named":
+        raise ConfigError("--model named needs --backbones (and --head, --fusion)")
+    elif not cfg.bench:
+        raise ConfigError("name the model with --backbones A,B [--head H --fusion F], or train the best row "
+                          "of a bench with --bench DIR")
+    else:
+        cfg.backbones, cfg.head, cfg.fusion = best_model(read_bench_rows(cfg.bench), cfg.metric)
+        print(f"best row     of {cfg.bench} by {cfg.metric}: {'+'.join(cfg.backbones)} / {cfg.head} / "
+              f"{cfg.fusion}")
+    cfg.fusion = default_fusion(cfg)
 
 
 def run(args) -> int:
@@ -23,8 +52,8 @@ def run(args) -> int:
 
     cfg = from_args(TrainConfig, args)
     check_seed(cfg.seed)
+    choose_model(cfg)
     cache = open_cache(cfg.cache)
-    cfg.fusion = default_fusion(cfg)
     saved = train_model(cache, **api_kwargs(cfg, skip=("cache",)), progress=True)
     m = saved.meta
     dims = "+".join(str(d) for d in saved.dims)

@@ -13,7 +13,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "extracts exactly those again. `featstack info` shows when a cache was last verified.")
     p.add_argument("cache", help="path of the cache index file (e.g. cache/x.h5)")
     p.add_argument("--backbones", default=None, help="comma-separated backbone keys (default: all)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a progress bar on standard error)")
     return p
 
 

@@ -18,7 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors, or package:MODULE/PATH)")
     c.add_argument("--backbone", required=True, help="backbone key: a timm model name or tv:NAME")
     c.add_argument("--out", required=True, help="output .safetensors path")
-    c.add_argument("--overwrite", action="store_true", help="replace an --out converted from another file")
+    c.add_argument("--overwrite", action="store_true", help="replace an --out converted from another file (default: off)")
     return p
 
 
