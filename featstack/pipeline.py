@@ -416,10 +416,24 @@ def _choose_model(p: Pipeline, rows: list[dict] | None) -> tuple[list[str], str,
         raise p.error("train.metric", str(e)) from None
 
 
+def _train_config(p: Pipeline):
+    """The train stage's settings. A model picked from the bench (``model: best``) is trained
+    with the bench's ``cv`` and ``tune`` unless the YAML sets them under ``train:``: the saved
+    model is then the very refit the bench scored on the test split (the demo's model reported
+    test 0.9667 beside the bench's 0.9711 for the same configuration: 5 inner folds, not 3)."""
+    import dataclasses
+
+    t, b = p.stages["train"], p.stages.get("bench")
+    if t.model != "best" or b is None:
+        return t
+    inherit = {k: getattr(b, k) for k in ("cv", "tune") if f"train.{k}" not in p.lines}
+    return dataclasses.replace(t, **inherit)
+
+
 def _stage_train(p: Pipeline, res: PipelineResult, cache, rows) -> Path:
     from .models import load_model, train_model
 
-    t = p.stages["train"]
+    t = _train_config(p)
     backbones, head, fusion = _choose_model(p, rows)
     out = Path(t.out or f"models/{p.name}")
     stamp = {"backbones": backbones, "head": head, "fusion": fusion, "tune": t.tune, "cv": t.cv,

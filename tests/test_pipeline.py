@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from featstack.errors import ConfigError
@@ -166,6 +167,24 @@ def test_demo_pipeline_end_to_end_then_skips(demo_runs):
     assert res3.stages["extract"] == "skipped" and res3.stages["bench"] == "skipped"
     assert res3.stages["train"] == "skipped" and res3.stages["export"] == "skipped"
     assert calls == {"extract": 1, "bench": 2}
+
+
+def test_the_trained_pick_is_the_bench_refit(demo_runs):
+    """train: model: best inherits the bench's cv (3 here; train's own default is 5), so the saved
+    model scores on the test split exactly what the bench reported for its pick."""
+    import csv
+
+    from featstack.cache import open_cache
+    from featstack.models import load_model
+
+    tmp = demo_runs["tmp"]
+    best = next(csv.DictReader((tmp / "runs" / "mini" / "results.csv").open()))
+    model = load_model(tmp / "models" / "mini")
+    assert "+".join(model.backbones) == best["backbones"] and model.head == best["head"]
+    cache = open_cache(tmp / "cache" / "mini.h5")
+    rows = cache.rows(split="test", labelled=True)
+    acc = float(np.mean(model.predict(cache, rows) == cache.labels[rows]))
+    assert acc == pytest.approx(float(best["test_accuracy"]), abs=1e-6)
 
 
 def test_report_loads_in_a_browser(demo_runs, tmp_path):
