@@ -262,29 +262,43 @@ class LinearHead(HeadModule):
                 "kind": self.kind, "binary": self.binary, "pre": _pre_config(self.pre)}
 
 
-class NystroemHead(LinearHead):
+class NystroemHead(HeadModule):
     """svm-rbf above its size threshold (:class:`featstack.solvers.RbfSVC`): an RBF kernel
     layer over the Nystroem landmarks, then the linear SVM's layer.
 
     scikit-learn computes ``K(x, landmarks) @ normalization_.T`` then the linear SVM's
     ``@ coef_.T + intercept_``; here ``weight = coef_ @ normalization_`` (one (K, M) map), so the
     kernel values feed the decision directly. Outputs as a linear-svm :class:`LinearHead`
-    (decision_function; binary logits [0, d]); ``gamma`` is stored as its log, like SVCHead's.
+    (decision_function; binary logits [0, d]), whose methods it shares; not a LinearHead, so
+    nothing takes its weights for a map of the features. ``gamma`` is stored as its log, like
+    SVCHead's.
     """
 
     type_name = "nystroem"
+    kind = "linear-svm"
+    sklearn_method = LINEAR_KINDS["linear-svm"]
 
     def __init__(self, n_features: int, classes: Sequence, n_components: int, binary: bool,
                  pre: Sequence[dict] = (), *, dtype: torch.dtype = torch.float64):
-        super().__init__(n_features, classes, "linear-svm", binary, pre, dtype=dtype)
+        super().__init__(n_features, classes)
+        self.binary = bool(binary)
         self.n_components = int(n_components)
+        self.pre = _build_pre(pre, dtype)
         self.landmarks = _zeros((self.n_components, self.n_features), dtype)
         self.log_gamma = nn.Parameter(torch.zeros((), dtype=dtype))
-        self.weight = _zeros((self.weight.shape[0], self.n_components), dtype)
+        k = 1 if self.binary else self.n_classes
+        self.weight = _zeros((k, self.n_components), dtype)
+        self.bias = _zeros((k,), dtype)
 
     def decision(self, x) -> torch.Tensor:
+        """(N, K) decision values (K = 1 for binary)."""
         x = _apply_pre(self.pre, self._input(x))
         return rbf_kernel(x, self.landmarks, torch.exp(self.log_gamma)) @ self.weight.T + self.bias
+
+    forward = LinearHead.forward
+    decision_function = LinearHead.decision_function
+    sklearn_outputs = LinearHead.sklearn_outputs
+    predict_index = LinearHead.predict_index
 
     def config(self) -> dict:
         return {"type": self.type_name, "n_features": self.n_features, "classes": self.classes,
