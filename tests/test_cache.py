@@ -185,3 +185,25 @@ def test_plain_shards_are_one_run_of_rows_in_the_file(tmp_path):
         assert raw_row_runs(f["features"]) is None
     with h5py.File(gen_b / "8-16.h5", "r") as f:
         assert raw_row_runs(f["features"]) is not None
+
+
+def test_raw_row_runs_of_other_layouts(tmp_path):
+    """Contiguous datasets are one run at their offset; chunks not spanning full rows, unwritten
+    chunks and foreign byte order have no raw runs (the reader then goes through HDF5)."""
+    from featstack.cache import raw_row_runs
+
+    X = np.arange(60, dtype=np.float32).reshape(12, 5)
+    with h5py.File(tmp_path / "l.h5", "w") as f:
+        f.create_dataset("contiguous", data=X)
+        f.create_dataset("narrow_chunks", data=X, chunks=(4, 2))
+        f.create_dataset("big_endian", data=X.astype(">f4"))
+        f.create_dataset("unwritten", shape=(12, 5), dtype=np.float32, chunks=(4, 5))
+        f["unwritten"][0:4] = X[0:4]
+    with h5py.File(tmp_path / "l.h5", "r") as f:
+        runs = raw_row_runs(f["contiguous"])
+        assert runs == [(0, 12, f["contiguous"].id.get_offset())]
+        raw = np.fromfile(tmp_path / "l.h5", dtype=np.float32, count=60, offset=runs[0][2])
+        np.testing.assert_array_equal(raw.reshape(12, 5), X)
+        assert raw_row_runs(f["narrow_chunks"]) is None
+        assert raw_row_runs(f["big_endian"]) is None
+        assert raw_row_runs(f["unwritten"]) is None
