@@ -237,6 +237,21 @@ def labels_from_decision(estimator: BaseEstimator, scores: np.ndarray) -> np.nda
     return classes[idx]
 
 
+def pin_size_choices(estimator: BaseEstimator, n_rows: int) -> BaseEstimator:
+    """``estimator`` with its size-dependent choices fixed to those of a fit on ``n_rows``
+    rows: every :class:`~featstack.solvers.RbfSVC` in it (svm-rbf) takes the exact or the
+    Nystroem path a fit on ``n_rows`` would, whatever rows it is then fitted on.
+
+    Out-of-fold scores are computed on fewer rows (cv-1 of cv folds) than the refit that a
+    stack's meta-learner is then applied to; near svm-rbf's switch the two would otherwise be
+    different models, with decision values on different scales (one-vs-one votes against
+    margins). Modifies and returns ``estimator``: pass a clone."""
+    pinned = {name: (0 if n_rows >= value else n_rows + 1)
+              for name, value in estimator.get_params(deep=True).items()
+              if name.rpartition("__")[2] == "exact_below" and isinstance(value, (int, np.integer))}
+    return estimator.set_params(**pinned) if pinned else estimator
+
+
 def unwrap_head(estimator: BaseEstimator) -> BaseEstimator:
     """The fitted pipeline inside a (possibly tuned) head."""
     return getattr(estimator, "best_estimator_", estimator)

@@ -122,3 +122,30 @@ def test_nystroem_path_passes_sklearn_estimator_checks(estimator, check):
     """The approximate path (every fit goes through Nystroem) is a well-behaved estimator too;
     the exact path is checked with the head pipelines in test_heads.py."""
     check(estimator)
+
+
+def test_out_of_fold_scores_come_from_the_refit_s_kind_of_model():
+    """A stack's meta-learner is fitted on out-of-fold scores (fits on cv-1 of cv folds) and
+    applied to the refit's: near svm-rbf's switch both are pinned to the path of the refit."""
+    from sklearn.model_selection import cross_val_predict
+
+    from featstack.fusion import StackClassifier, out_of_fold, stack_splitter
+    from featstack.heads import create_head, pin_size_choices
+
+    X, y = _problem(5, 130, 6, 3)
+    head = create_head("svm-rbf").set_params(clf__exact_below=120, clf__n_components=30)
+    nystroem = create_head("svm-rbf").set_params(clf__exact_below=0, clf__n_components=30)
+    oof = out_of_fold(head, X, y, cv=5, random_state=0)  # folds of 104 rows: exact unless pinned
+    want = cross_val_predict(nystroem, X, y, cv=stack_splitter(5, 0), method="decision_function")
+    np.testing.assert_array_equal(oof, want)
+    assert head.get_params()["clf__exact_below"] == 120  # the head itself is left alone
+    small = out_of_fold(head, X[:110], y[:110], cv=5, random_state=0)  # the refit is exact: so are the folds
+    exact = cross_val_predict(create_head("svm-rbf"), X[:110], y[:110], cv=stack_splitter(5, 0),
+                              method="decision_function")
+    np.testing.assert_array_equal(small, exact)
+    tuned = pin_size_choices(create_head("svm-rbf", tune=True), 5000)
+    assert tuned.get_params()["estimator__clf__exact_below"] == 0
+    logreg = create_head("logreg")
+    assert pin_size_choices(logreg, 10) is logreg and repr(logreg) == repr(create_head("logreg"))
+    stack = StackClassifier("svm-rbf", dims=(3, 3), cv=5).fit(X, y)
+    assert all(e.named_steps["clf"].map_ is None for e in stack.estimators_)  # 130 rows < 2,000: exact
