@@ -165,7 +165,7 @@ def _export_classifier(clf, scalers: list, n_features: int, dtype: torch.dtype) 
         return head
 
     raise ExportError(f"{type(clf).__name__} cannot be exported (supported: LogisticRegression, LinearSVC, "
-                      "SVC, GaussianNB, MultinomialNB, ComplementNB, and featstack's vote/stack fusions)")
+                      "SVC, featstack's RbfSVC, GaussianNB, MultinomialNB, ComplementNB, and featstack's vote/stack fusions)")
 
 
 def _export_nystroem(clf, scalers: list, n_features: int, dtype: torch.dtype) -> NystroemHead:
@@ -200,8 +200,8 @@ def _block_dims(est, dims, n_features: int | None) -> list:
 
 def sklearn_head(estimator, dtype: torch.dtype) -> HeadModule:
     """The "sklearn" head converter: a fitted Pipeline (scalers → LogisticRegression / LinearSVC
-    / SVC / GaussianNB / MultinomialNB / ComplementNB), one of those bare, or a GridSearchCV
-    around any of them."""
+    / SVC / RbfSVC / GaussianNB / MultinomialNB / ComplementNB), one of those bare, or a
+    GridSearchCV around any of them."""
     from sklearn.pipeline import Pipeline
 
     est = _unwrap(estimator)
@@ -287,8 +287,8 @@ def model_converter(head: str, fusion: str):
 def export_head(estimator, dims: Sequence[int] | None = None, dtype: torch.dtype | str = torch.float64) -> HeadModule:
     """A fitted head or fusion → a trainable torch module reproducing it on cached features.
 
-    ``estimator``: a Pipeline (scalers → LogisticRegression / LinearSVC / SVC / GaussianNB /
-    MultinomialNB / ComplementNB), one of those bare, a GridSearchCV around any of them, or the
+    ``estimator``: a Pipeline (scalers → LogisticRegression / LinearSVC / SVC / RbfSVC /
+    GaussianNB / MultinomialNB / ComplementNB), one of those bare, a GridSearchCV around any of them, or the
     estimator of a registered fusion (VoteClassifier / StackClassifier), whose blocks are
     converted with the "sklearn" converter. ``dims`` (block widths of the feature columns)
     is checked against the fusion's own; plain heads take all columns. ``dtype`` float64 gives
