@@ -9,6 +9,9 @@ fine-grained task). For each (N, D): the 5-fold cross-validated accuracy and wal
 featstack head (``featstack.heads.create_head``, the estimator ``featstack bench`` fits) and of
 ``cross_val_score(make_pipeline(StandardScaler(), LogisticRegression()))`` on the same data and
 folds, with the ratio head time / direct time. ``--quick``: N=2,000, D=768, for a smoke run.
+``--heads svm-rbf,svm-rbf-exact`` puts svm-rbf (Nystroem + linear SVM from 2,000 training rows
+on) beside the exact SVC. Run it with one BLAS thread (``OPENBLAS_NUM_THREADS=1``; the script
+also limits BLAS to one thread per job).
 """
 from __future__ import annotations
 

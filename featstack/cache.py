@@ -18,7 +18,10 @@ Only this module touches h5py. Layout (see ../shared/design.md)::
 Generations: ``--overwrite`` writes a new generation beside the one in use and switches
 CURRENT.json (then the index) to it when complete; the previous one is kept for readers that
 opened it. Every read checks each shard's row range and fingerprint against the index;
-`featstack verify` also checks the blake2b checksum of the feature bytes.
+`featstack verify` also checks the blake2b checksum of the feature bytes. Reads go to the
+shards of the generation the reader opened, not through the index's virtual dataset: a plain
+(uncompressed) shard's rows are one run of bytes in its file, read as a memory-mapped view and
+copied (converted) straight into the output; compressed shards are decoded by HDF5.
 
 Why shards: HDF5 does not survive a writer killed mid-write. A shard is written under a
 temporary name, closed, then renamed, so it is either complete or absent; resuming means
@@ -395,28 +398,77 @@ def shard_problem(path: Path, start: int, stop: int, fingerprint: str, *,
     Cheap (attributes only) unless ``checksum``: then the feature bytes are hashed and
     compared with the checksum written with them.
     """
+    return inspect_shard(path, start, stop, fingerprint, checksum=checksum, locking=locking)[0]
+
+
+def inspect_shard(path: Path, start: int, stop: int, fingerprint: str, *, checksum: bool = False,
+                  locking: bool | None = None) -> tuple[str | None, list | None]:
+    """(:func:`shard_problem`, where its feature rows lie in the file): one open of the file
+    for both, so a reader checks a shard and learns how to read it at the cost of one."""
     try:
         with h5py.File(path, "r", locking=locking) as f:
-            a = f.attrs
-            got = (int(a.get("start", -1)), int(a.get("stop", -1)))
-            if got != (start, stop):
-                return f"holds rows {got[0]}-{got[1]}, the index expects {start}-{stop}"
-            if a.get("fingerprint") != fingerprint:
-                return "written under another backbone fingerprint"
-            ds = f["features"]
-            if ds.shape[0] != stop - start:
-                return f"holds {ds.shape[0]} feature rows, expected {stop - start}"
-            if checksum:
-                want = a.get("checksum")
-                if want is None:
-                    return "has no checksum (written by an older featstack)"
-                if features_checksum(ds[()]) != want:
-                    return "checksum mismatch: its feature bytes changed after they were written"
+            ds = f["features"]  # looked up once: each lookup costs as much as a check
+            why = _shard_attr_problem(f.attrs, ds, start, stop, fingerprint, checksum)
+            runs = None if why else raw_row_runs(ds)
+            row_bytes = 0 if runs is None else ds.shape[1] * ds.dtype.itemsize
+        # a view past the end of the file would crash the reader (SIGBUS) instead of raising
+        if runs and max(off + (hi - lo) * row_bytes for lo, hi, off in runs) > os.path.getsize(path):
+            return "is shorter than its feature rows (truncated)", None
+        return why, runs
     except FileNotFoundError:
-        return "missing"
+        return "missing", None
     except (OSError, KeyError, ValueError, TypeError) as e:
-        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})", None
+
+
+def _shard_attr_problem(a, ds, start: int, stop: int, fingerprint: str, checksum: bool) -> str | None:
+    got = (int(a.get("start", -1)), int(a.get("stop", -1)))
+    if got != (start, stop):
+        return f"holds rows {got[0]}-{got[1]}, the index expects {start}-{stop}"
+    if a.get("fingerprint") != fingerprint:
+        return "written under another backbone fingerprint"
+    if ds.shape[0] != stop - start:
+        return f"holds {ds.shape[0]} feature rows, expected {stop - start}"
+    if checksum:
+        want = a.get("checksum")
+        if want is None:
+            return "has no checksum (written by an older featstack)"
+        if features_checksum(ds[()]) != want:
+            return "checksum mismatch: its feature bytes changed after they were written"
     return None
+
+
+def raw_row_runs(ds) -> list[tuple[int, int, int]] | None:
+    """Where a 2-D dataset's rows lie in its file, as runs ``[(row_lo, row_hi, byte_offset)]``
+    of rows stored back to back (row-major, native byte order), or None when the bytes are not
+    the values (filters such as compression, a foreign byte order) or not all allocated.
+
+    A shard's chunks span full rows and are written in order, so its runs merge into one: a
+    read is then a view of the file (no HDF5 call, no per-chunk Python)."""
+    shape, dtype, dsid = ds.shape, ds.dtype, ds.id
+    if len(shape) != 2 or not dtype.isnative or dtype.kind != "f":
+        return None
+    plist = dsid.get_create_plist()
+    if plist.get_nfilters():
+        return None
+    row_bytes = shape[1] * dtype.itemsize
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = dsid.get_offset()
+        return None if offset is None else [(0, shape[0], int(offset))]
+    per, width = plist.get_chunk() if layout == h5py.h5d.CHUNKED else (0, 0)
+    n_chunks = -(-shape[0] // per) if per else 0
+    if width != shape[1] or dsid.get_num_chunks() != n_chunks:
+        return None
+    runs: list[list[int]] = []
+    for info in sorted((dsid.get_chunk_info(i) for i in range(n_chunks)), key=lambda c: c.chunk_offset[0]):
+        lo = int(info.chunk_offset[0])
+        hi = min(lo + per, shape[0])
+        if runs and runs[-1][1] == lo and runs[-1][2] + (lo - runs[-1][0]) * row_bytes == info.byte_offset:
+            runs[-1][1] = hi
+        else:
+            runs.append([lo, hi, int(info.byte_offset)])
+    return [tuple(r) for r in runs]
 
 
 class CacheWriter:
@@ -977,7 +1029,8 @@ class Cache:
     def _shard_problems(self, key: str, first: bool = False) -> list[tuple[str, str]]:
         """Cheap checks of a backbone's shards against the index: each file exists, holds the
         rows the index maps to it and was written under the index's fingerprint. A file is
-        re-checked only when its (inode, size, mtime) changed since this reader last checked."""
+        re-checked only when its (inode, size, mtime) changed since this reader last checked, and
+        the check records where its rows lie in the file (:func:`raw_row_runs`) for the read."""
         meta = self._meta[key]
         out = []
         for start, stop, rel in meta.get("shards", []):
@@ -987,12 +1040,12 @@ class Cache:
                 sig = (st.st_ino, st.st_size, st.st_mtime_ns)
             except OSError:
                 sig = None
-            if sig is not None and self._checked.get(str(shard)) == (sig, meta["fingerprint"]):
+            if sig is not None and self._checked.get(str(shard), (None,))[0] == (sig, meta["fingerprint"]):
                 continue
-            why = "is missing on disk" if sig is None else shard_problem(
+            why, runs = ("is missing on disk", None) if sig is None else inspect_shard(
                 shard, start, stop, meta["fingerprint"], locking=self.locking)
             if why is None:
-                self._checked[str(shard)] = (sig, meta["fingerprint"])
+                self._checked[str(shard)] = ((sig, meta["fingerprint"]), runs)
                 continue
             out.append((rel, why))
             if first:
@@ -1022,29 +1075,35 @@ class Cache:
             m = len(idx)
         dims = [self.dim(k) for k in keys]
         out = np.empty((m, sum(dims)), dtype=dtype)
+        plan = _RowPlan.of(idx, n)
         col = 0
-        with h5py.File(self.path, "r", locking=self.locking) as f:
-            for key, d in zip(keys, dims):
-                ds = f["features"][self._meta[key]["_name"]]
-                if _same_generation(ds, self._meta[key]):
-                    out[:, col:col + d] = _read_rows(ds, idx, n, dtype)
-                else:  # overwritten since this reader opened the cache: keep reading what it opened
-                    out[:, col:col + d] = self._read_opened_generation(key, idx, n, dtype)
-                col += d
+        for key, d in zip(keys, dims):
+            self._read_backbone(key, plan, out[:, col:col + d])
+            col += d
         return out
 
-    def _read_opened_generation(self, key: str, idx: np.ndarray | None, n: int, dtype) -> np.ndarray:
-        """Rows of the generation this reader opened, from its shard files directly."""
+    def _read_backbone(self, key: str, plan: "_RowPlan", out: np.ndarray) -> None:
+        """Rows of one backbone into ``out``, from the shards of the generation this reader
+        opened (checked just before by :meth:`_require_complete`): each shard's rows are a view
+        of the file's bytes (:func:`raw_row_runs`), copied and converted straight into the
+        output; shards whose bytes are not plain values are read through HDF5."""
         meta = self._meta[key]
-        full = np.empty((n, int(meta["dim"])), dtype=dtype)
-        for start, stop, rel in meta.get("shards", []):
+        shards = meta.get("shards", [])
+        bounds = plan.bounds([(start, stop) for start, stop, _ in shards])
+        for (start, stop, rel), (a, b) in zip(shards, bounds):
+            if a == b:
+                continue
+            path = self.path.parent / rel
+            runs = self._checked.get(str(path), (None, None))[1]
             try:
-                with h5py.File(self.path.parent / rel, "r", locking=self.locking) as f:
-                    full[start:stop] = f["features"][()]
+                if runs is None:
+                    _read_shard_hdf5(path, start, plan, a, b, out, self.locking)
+                else:
+                    _read_shard_raw(path, start, runs, (stop - start, out.shape[1]), np.dtype(meta["dtype"]),
+                                    plan, a, b, out)
             except OSError as e:
-                raise CacheError(f"{self.path.parent / rel}: backbone {key!r} was overwritten since this "
-                                 f"cache was opened and its old shards are gone ({e}); open it again") from e
-        return full if idx is None else full[idx]
+                raise CacheError(f"{path}: cannot read backbone {key!r} ({e}); run "
+                                 f"`featstack verify {self.path}`") from e
 
     def health(self, key: str) -> dict:
         """complete / incomplete / corrupt, the first problem found, and the last verification.
@@ -1115,24 +1174,69 @@ class Cache:
         }
 
 
-def _same_generation(ds, meta: dict) -> bool:
-    """Whether the index's dataset still maps the generation a reader opened."""
-    return (_decode_attr(ds.attrs.get("generation")) == meta.get("generation")
-            and _decode_attr(ds.attrs.get("fingerprint")) == meta.get("fingerprint"))
+@dataclass
+class _RowPlan:
+    """Which rows a read wants, in an order that visits each shard once: the wanted rows
+    sorted (``rows``; None = all), and where each goes in the output (``dest``; None = in
+    order, so contiguous slices)."""
+
+    n: int
+    rows: np.ndarray | None
+    dest: np.ndarray | None
+
+    @classmethod
+    def of(cls, idx: np.ndarray | None, n: int) -> "_RowPlan":
+        if idx is None:
+            return cls(n, None, None)
+        if len(idx) < 2 or bool(np.all(idx[1:] >= idx[:-1])):
+            return cls(n, idx, None)
+        order = np.argsort(idx, kind="stable")
+        return cls(n, idx[order], order)
+
+    def bounds(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Per shard [start, stop): the slice [a, b) of the sorted wanted rows inside it."""
+        if self.rows is None:
+            return [(start, stop) for start, stop in ranges]
+        edges = np.searchsorted(self.rows, np.asarray(ranges, dtype=np.int64).reshape(-1, 2), side="left")
+        return [(int(a), int(b)) for a, b in edges]
+
+    def local(self, start: int, a: int, b: int) -> np.ndarray | slice:
+        """Rows [a, b) of the plan as row numbers inside a shard starting at ``start``."""
+        return slice(a - start, b - start) if self.rows is None else self.rows[a:b] - start
+
+    def put(self, out: np.ndarray, a: int, b: int, values: np.ndarray) -> None:
+        if self.dest is None:
+            out[a:b] = values
+        else:
+            out[self.dest[a:b]] = values
 
 
-def _read_rows(ds, idx: np.ndarray | None, n: int, dtype) -> np.ndarray:
-    """Read all rows (in chunk-aligned slabs) or selected rows of a (virtual) dataset."""
-    d = ds.shape[1]
-    step = max(1, (8 * CHUNK_BYTES) // max(1, d * ds.dtype.itemsize))
-    if idx is None or len(idx) > n // 8:
-        full = np.empty((n, d), dtype=dtype)
-        for s in range(0, n, step):
-            full[s:s + step] = ds[s:s + step]
-        return full if idx is None else full[idx]
-    order = np.unique(idx)
-    got = ds[order] if len(order) else np.empty((0, d), ds.dtype)
-    return got.astype(dtype)[np.searchsorted(order, idx)]
+def _read_shard_raw(path: Path, start: int, runs: list, shape: tuple[int, int], dtype: np.dtype,
+                    plan: _RowPlan, a: int, b: int, out: np.ndarray) -> None:
+    """Plan rows [a, b) of one shard from a memory map of its file: per run of rows stored
+    back to back, one view and one fancy-index or slice copy (converted to ``out``'s dtype)."""
+    mm = np.memmap(path, dtype=np.uint8, mode="r")  # unmapped when the last view goes
+    local = plan.local(start, a, b)
+    for lo, hi, offset in runs:
+        view = np.ndarray((hi - lo, shape[1]), dtype=dtype, buffer=mm, offset=offset)
+        if isinstance(local, slice):
+            s0, s1 = max(local.start, lo), min(local.stop, hi)
+            if s0 < s1:
+                plan.put(out, a + s0 - local.start, a + s1 - local.start, view[s0 - lo:s1 - lo])
+        else:
+            i, j = np.searchsorted(local, (lo, hi))
+            if i < j:
+                plan.put(out, a + i, a + j, view[local[i:j] - lo])
+
+
+def _read_shard_hdf5(path: Path, start: int, plan: _RowPlan, a: int, b: int, out: np.ndarray,
+                     locking: bool | None) -> None:
+    """Plan rows [a, b) of one shard through HDF5 (compressed or otherwise filtered shards):
+    the shard's whole block once, then the wanted rows."""
+    with h5py.File(path, "r", locking=locking) as f:
+        block = f["features"][()]
+    local = plan.local(start, a, b)
+    plan.put(out, a, b, block[local])
 
 
 def verify_cache(path: str | os.PathLike, keys: Sequence[str] | None = None, *,

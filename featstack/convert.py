@@ -4,7 +4,8 @@ modules, exactly (see there for the tolerances).
 Which converter a saved model uses comes from the registries: a head's spec names one of
 :data:`HEAD_CONVERTERS` (or gives a callable, or None: export refuses it), a fusion's spec one of
 :data:`FUSION_CONVERTERS`. The "sklearn" head converter handles a Pipeline of scalers and a
-LogisticRegression / LinearSVC / SVC / GaussianNB / MultinomialNB / ComplementNB. Scalers:
+LogisticRegression / LinearSVC / SVC / featstack's RbfSVC (exact: an SVC; Nystroem: a kernel layer
+over the landmarks, then the linear layer) / GaussianNB / MultinomialNB / ComplementNB. Scalers:
 ``StandardScaler`` (and ``MinMaxScaler`` without clipping) are folded into the first linear map of
 linear heads; ``MinMaxScaler(clip=True)`` keeps an affine + clamp layer in front (a clamp cannot
 be folded); kernel and Gaussian heads keep the affine layer in front too.
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .torch_heads import (SVC_KERNELS, ExportError, GaussianNBHead, HeadModule, LinearHead, StackHead,
-                          SVCHead, VoteHead, _resolve_dtype)
+from .torch_heads import (SVC_KERNELS, ExportError, GaussianNBHead, HeadModule, LinearHead, NystroemHead,
+                          StackHead, SVCHead, VoteHead, _resolve_dtype)
 
 
 def _unwrap(est):
@@ -91,8 +92,14 @@ def _export_classifier(clf, scalers: list, n_features: int, dtype: torch.dtype) 
     from sklearn.naive_bayes import ComplementNB, GaussianNB, MultinomialNB
     from sklearn.svm import SVC, LinearSVC, NuSVC
 
+    from .solvers import RbfSVC
+
     if not hasattr(clf, "classes_"):
         raise ExportError(f"{type(clf).__name__} is not fitted: train it before exporting")
+    if isinstance(clf, RbfSVC):
+        if clf.map_ is None:  # the exact path: an SVC
+            return _export_classifier(clf.classifier_, scalers, n_features, dtype)
+        return _export_nystroem(clf, scalers, n_features, dtype)
     classes = clf.classes_
     specs = _affine_specs(scalers, n_features)
 
@@ -158,7 +165,23 @@ def _export_classifier(clf, scalers: list, n_features: int, dtype: torch.dtype) 
         return head
 
     raise ExportError(f"{type(clf).__name__} cannot be exported (supported: LogisticRegression, LinearSVC, "
-                      "SVC, GaussianNB, MultinomialNB, ComplementNB, and featstack's vote/stack fusions)")
+                      "SVC, featstack's RbfSVC, GaussianNB, MultinomialNB, ComplementNB, and featstack's vote/stack fusions)")
+
+
+def _export_nystroem(clf, scalers: list, n_features: int, dtype: torch.dtype) -> NystroemHead:
+    """RbfSVC's approximate path: scalers (kept in front) → RBF kernel over the Nystroem
+    landmarks → the linear SVM, with Nystroem's normalization folded into its weights."""
+    nys, svm = clf.map_, clf.classifier_
+    cfgs, values = _make_pre(_affine_specs(scalers, n_features), dtype)
+    coef = np.atleast_2d(np.asarray(svm.coef_, dtype=np.float64))
+    binary = coef.shape[0] == 1 and len(svm.classes_) == 2
+    head = NystroemHead(n_features, svm.classes_, nys.components_.shape[0], binary, cfgs, dtype=dtype)
+    _fill_pre(head.pre, values, dtype)
+    _set(head.landmarks, np.asarray(nys.components_, dtype=np.float64))
+    _set(head.log_gamma, math.log(float(nys.gamma)))
+    _set(head.weight, coef @ np.asarray(nys.normalization_, dtype=np.float64))
+    _set(head.bias, np.broadcast_to(np.asarray(svm.intercept_, dtype=np.float64), (coef.shape[0],)))
+    return head
 
 
 def _block_dims(est, dims, n_features: int | None) -> list:
@@ -177,8 +200,8 @@ def _block_dims(est, dims, n_features: int | None) -> list:
 
 def sklearn_head(estimator, dtype: torch.dtype) -> HeadModule:
     """The "sklearn" head converter: a fitted Pipeline (scalers → LogisticRegression / LinearSVC
-    / SVC / GaussianNB / MultinomialNB / ComplementNB), one of those bare, or a GridSearchCV
-    around any of them."""
+    / SVC / RbfSVC / GaussianNB / MultinomialNB / ComplementNB), one of those bare, or a
+    GridSearchCV around any of them."""
     from sklearn.pipeline import Pipeline
 
     est = _unwrap(estimator)
@@ -264,8 +287,8 @@ def model_converter(head: str, fusion: str):
 def export_head(estimator, dims: Sequence[int] | None = None, dtype: torch.dtype | str = torch.float64) -> HeadModule:
     """A fitted head or fusion → a trainable torch module reproducing it on cached features.
 
-    ``estimator``: a Pipeline (scalers → LogisticRegression / LinearSVC / SVC / GaussianNB /
-    MultinomialNB / ComplementNB), one of those bare, a GridSearchCV around any of them, or the
+    ``estimator``: a Pipeline (scalers → LogisticRegression / LinearSVC / SVC / RbfSVC /
+    GaussianNB / MultinomialNB / ComplementNB), one of those bare, a GridSearchCV around any of them, or the
     estimator of a registered fusion (VoteClassifier / StackClassifier), whose blocks are
     converted with the "sklearn" converter. ``dims`` (block widths of the feature columns)
     is checked against the fusion's own; plain heads take all columns. ``dtype`` float64 gives

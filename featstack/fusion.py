@@ -31,7 +31,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .errors import ConfigError
-from .heads import HEADS, create_head, head_spec, type_name
+from .heads import HEADS, create_head, head_spec, pin_size_choices, type_name
 
 STACK_METHODS = ("predict_proba", "decision_function")
 
@@ -124,8 +124,9 @@ def stack_splitter(cv: int, random_state: int | None) -> StratifiedKFold:
 
 def out_of_fold(head: BaseEstimator, X: np.ndarray, y: np.ndarray, cv: int, random_state: int | None,
                 n_jobs: int | None = None) -> np.ndarray:
-    """Raw out-of-fold outputs (``stack_method``) of clones of ``head`` on ``cv`` seeded folds."""
-    return cross_val_predict(clone(head), X, y, cv=stack_splitter(cv, random_state),
+    """Raw out-of-fold outputs (``stack_method``) of clones of ``head`` on ``cv`` seeded folds,
+    each the same kind of model as ``head`` fitted on all of X (:func:`pin_size_choices`)."""
+    return cross_val_predict(pin_size_choices(clone(head), len(X)), X, y, cv=stack_splitter(cv, random_state),
                              method=stack_method(head), n_jobs=n_jobs)
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 from sklearn.base import BaseEstimator
+from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.naive_bayes import ComplementNB, GaussianNB, MultinomialNB
@@ -23,7 +24,7 @@ from sklearn.preprocessing import MinMaxScaler, StandardScaler
 from sklearn.svm import SVC
 
 from .errors import ConfigError
-from .solvers import LbfgsLinearSVC
+from .solvers import RBF_EXACT_BELOW, LbfgsLinearSVC, RbfSVC
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,12 @@ def _linear_svm(seed: int) -> Pipeline:
 
 
 def _svm_rbf(seed: int) -> Pipeline:
+    # exact SVC below RBF_EXACT_BELOW training rows, Nystroem + linear SVM above: see solvers.py
+    return Pipeline([("scale", StandardScaler()),
+                     ("clf", RbfSVC(C=1.0, gamma="scale", exact_below=RBF_EXACT_BELOW, random_state=seed))])
+
+
+def _svm_rbf_exact(seed: int) -> Pipeline:
     return Pipeline([("scale", StandardScaler()),
                      ("clf", SVC(C=1.0, kernel="rbf", gamma="scale", random_state=seed))])
 
@@ -139,9 +146,11 @@ register_head("logreg", _logreg, description="multinomial logistic regression (L
               tune_param="clf__C", tune_grid=_C_GRID, converter="sklearn")
 register_head("linear-svm", _linear_svm, description="linear SVM (squared hinge, one-vs-rest, L-BFGS; C relative to the row norms)",
               tune_param="clf__C", tune_grid=_C_GRID, converter="sklearn")
-register_head("svm-rbf", _svm_rbf, description="SVM with RBF kernel (SVC, one-vs-one)",
-              tune_param="clf__C", tune_grid=tuple(float(c) for c in np.logspace(-1, 3, 5)),
-              converter="sklearn")
+_RBF_C_GRID = tuple(float(c) for c in np.logspace(-1, 3, 5))
+register_head("svm-rbf", _svm_rbf, description=f"SVM with RBF kernel (exact SVC below {RBF_EXACT_BELOW:,} "
+              "training rows, Nystroem map + linear SVM from there)",
+              tune_param="clf__C", tune_grid=_RBF_C_GRID, converter="sklearn",
+              allowed_types=tuple(type_name(t) for t in (SVC, LbfgsLinearSVC, Nystroem)))
 register_head("gaussian-nb", _gaussian_nb, description="Gaussian naive Bayes",
               tune_param="clf__var_smoothing", tune_grid=tuple(float(v) for v in np.logspace(-11, -3, 5)),
               converter="sklearn")
@@ -149,6 +158,8 @@ register_head("multinomial-nb", _multinomial_nb, description="multinomial naive 
               tune_param="clf__alpha", tune_grid=_NB_GRID, converter="sklearn")
 register_head("complement-nb", _complement_nb, description="complement naive Bayes on min-max scaled features",
               tune_param="clf__alpha", tune_grid=_NB_GRID, converter="sklearn")
+register_head("svm-rbf-exact", _svm_rbf_exact, description="SVM with RBF kernel (exact SVC, one-vs-one, at any size)",
+              tune_param="clf__C", tune_grid=_RBF_C_GRID, converter="sklearn")
 
 
 def list_heads() -> list[str]:
@@ -204,12 +215,15 @@ def labels_from_decision(estimator: BaseEstimator, scores: np.ndarray) -> np.nda
     one-vs-one votes are the rounded ovr scores (the confidence term is within +-1/3), and
     libsvm predicts the first class with the most votes; binary: class 1 when the score is
     >= 0. The same labels as ``predict`` unless a pairwise decision value is exactly 0.0.
+    :class:`~featstack.solvers.RbfSVC`: the rule of the classifier it fitted.
     """
     from sklearn.linear_model._base import LinearClassifierMixin
     from sklearn.svm import SVC
 
     est = unwrap_head(estimator)
     clf = est.steps[-1][1] if isinstance(est, Pipeline) else est
+    if isinstance(clf, RbfSVC):  # the fitted path decides: exact SVC or the linear SVM
+        clf = getattr(clf, "classifier_", clf)
     classes = getattr(clf, "classes_", None)
     if classes is None:
         return None
@@ -221,6 +235,21 @@ def labels_from_decision(estimator: BaseEstimator, scores: np.ndarray) -> np.nda
     else:
         return None
     return classes[idx]
+
+
+def pin_size_choices(estimator: BaseEstimator, n_rows: int) -> BaseEstimator:
+    """``estimator`` with its size-dependent choices fixed to those of a fit on ``n_rows``
+    rows: every :class:`~featstack.solvers.RbfSVC` in it (svm-rbf) takes the exact or the
+    Nystroem path a fit on ``n_rows`` would, whatever rows it is then fitted on.
+
+    Out-of-fold scores are computed on fewer rows (cv-1 of cv folds) than the refit that a
+    stack's meta-learner is then applied to; near svm-rbf's switch the two would otherwise be
+    different models, with decision values on different scales (one-vs-one votes against
+    margins). Modifies and returns ``estimator``: pass a clone."""
+    pinned = {name: (0 if n_rows >= value else n_rows + 1)
+              for name, value in estimator.get_params(deep=True).items()
+              if name.rpartition("__")[2] == "exact_below" and isinstance(value, (int, np.integer))}
+    return estimator.set_params(**pinned) if pinned else estimator
 
 
 def unwrap_head(estimator: BaseEstimator) -> BaseEstimator:

@@ -262,6 +262,49 @@ class LinearHead(HeadModule):
                 "kind": self.kind, "binary": self.binary, "pre": _pre_config(self.pre)}
 
 
+class NystroemHead(HeadModule):
+    """svm-rbf above its size threshold (:class:`featstack.solvers.RbfSVC`): an RBF kernel
+    layer over the Nystroem landmarks, then the linear SVM's layer.
+
+    scikit-learn computes ``K(x, landmarks) @ normalization_.T`` then the linear SVM's
+    ``@ coef_.T + intercept_``; here ``weight = coef_ @ normalization_`` (one (K, M) map), so the
+    kernel values feed the decision directly. Outputs as a linear-svm :class:`LinearHead`
+    (decision_function; binary logits [0, d]), whose methods it shares; not a LinearHead, so
+    nothing takes its weights for a map of the features. ``gamma`` is stored as its log, like
+    SVCHead's.
+    """
+
+    type_name = "nystroem"
+    kind = "linear-svm"
+    sklearn_method = LINEAR_KINDS["linear-svm"]
+
+    def __init__(self, n_features: int, classes: Sequence, n_components: int, binary: bool,
+                 pre: Sequence[dict] = (), *, dtype: torch.dtype = torch.float64):
+        super().__init__(n_features, classes)
+        self.binary = bool(binary)
+        self.n_components = int(n_components)
+        self.pre = _build_pre(pre, dtype)
+        self.landmarks = _zeros((self.n_components, self.n_features), dtype)
+        self.log_gamma = nn.Parameter(torch.zeros((), dtype=dtype))
+        k = 1 if self.binary else self.n_classes
+        self.weight = _zeros((k, self.n_components), dtype)
+        self.bias = _zeros((k,), dtype)
+
+    def decision(self, x) -> torch.Tensor:
+        """(N, K) decision values (K = 1 for binary)."""
+        x = _apply_pre(self.pre, self._input(x))
+        return rbf_kernel(x, self.landmarks, torch.exp(self.log_gamma)) @ self.weight.T + self.bias
+
+    forward = LinearHead.forward
+    decision_function = LinearHead.decision_function
+    sklearn_outputs = LinearHead.sklearn_outputs
+    predict_index = LinearHead.predict_index
+
+    def config(self) -> dict:
+        return {"type": self.type_name, "n_features": self.n_features, "classes": self.classes,
+                "n_components": self.n_components, "binary": self.binary, "pre": _pre_config(self.pre)}
+
+
 class GaussianNBHead(HeadModule):
     """GaussianNB as a quadratic layer: the joint log-likelihood
 
@@ -311,6 +354,13 @@ class GaussianNBHead(HeadModule):
 
 
 SVC_KERNELS = ("rbf", "linear", "poly", "sigmoid")
+
+
+def rbf_kernel(x: torch.Tensor, centres: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """(N, M) ``exp(-gamma |x - c|^2)``, distances from direct differences as libsvm computes
+    them (the |x|^2 + |c|^2 - 2xc expansion loses precision)."""
+    d2 = torch.cdist(x, centres, p=2.0, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    return torch.exp(-gamma * d2)
 
 
 class SVCHead(HeadModule):
@@ -388,13 +438,11 @@ class SVCHead(HeadModule):
         return torch.exp(self.log_gamma)
 
     def kernel_matrix(self, x) -> torch.Tensor:
-        """(N, n_SV) kernel values; RBF distances from direct differences, as libsvm does (the
-        ‖x‖² + ‖y‖² − 2xy expansion loses precision)."""
+        """(N, n_SV) kernel values (RBF: :func:`rbf_kernel`)."""
         x = _apply_pre(self.pre, self._input(x))
         sv = self.support_vectors
         if self.kernel == "rbf":
-            d2 = torch.cdist(x, sv, p=2.0, compute_mode="donot_use_mm_for_euclid_dist") ** 2
-            return torch.exp(-self.gamma * d2)
+            return rbf_kernel(x, sv, self.gamma)
         dot = x @ sv.T
         if self.kernel == "linear":
             return dot
@@ -544,6 +592,9 @@ def head_from_config(cfg: dict, dtype: torch.dtype | str = torch.float64) -> Hea
         if kind == "linear":
             return LinearHead(cfg["n_features"], cfg["classes"], cfg["kind"], cfg["binary"], cfg.get("pre", ()),
                               dtype=dtype)
+        if kind == "nystroem":
+            return NystroemHead(cfg["n_features"], cfg["classes"], cfg["n_components"], cfg["binary"],
+                                cfg.get("pre", ()), dtype=dtype)
         if kind == "gaussian-nb":
             return GaussianNBHead(cfg["n_features"], cfg["classes"], cfg.get("pre", ()), dtype=dtype)
         if kind == "svc":

@@ -135,3 +135,75 @@ def test_bad_files_and_tables(tmp_path):
     c = write_arrays_cache(tmp_path / "ok.h5", _samples(5), {"a": np.ones((5, 2))})
     with pytest.raises(CacheError, match="'zz' is not in this cache"):
         c.features(["a", "zz"])
+
+
+def _mixed_cache(path, n: int = 37, seed: int = 0):
+    """Two backbones; some shards of "b" gzip-compressed (read through HDF5), the rest plain
+    (read as views of the file), "a" in float16."""
+    rng = np.random.default_rng(seed)
+    s = _samples(n, seed=seed)
+    X = {"a": rng.standard_normal((n, 5)).astype(np.float32), "b": rng.standard_normal((n, 3)).astype(np.float32)}
+    with CacheWriter(path, s) as w:
+        for key, dtype in (("a", "float16"), ("b", "float32")):
+            meta = {"key": key, "timm_name": key, "weights_sha256": key, "data_config": {},
+                    "preprocess": "arrays", "dtype": dtype, "dim": X[key].shape[1]}
+            for start, stop in w.plan_backbone(meta, shard_rows=8):
+                gz = "gzip" if key == "b" and start % 16 == 0 else None
+                w.write_shard(key, start, stop, X[key][start:stop], compression=gz)
+        w.finalize()
+    want = np.concatenate([X["a"].astype(np.float16).astype(np.float32), X["b"]], axis=1)
+    return open_cache(path), want
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.integers(0, 36), max_size=60), dtype=st.sampled_from([np.float32, np.float64]))
+def test_reads_of_plain_and_compressed_shards_agree(tmp_path_factory, rows, dtype):
+    """Plain shards are read from the file's bytes, compressed ones through HDF5: any rows, in
+    any order, repeated or not, give what was written, in the order asked."""
+    c, want = _mixed_cache(tmp_path_factory.mktemp("mixed") / "x.h5")
+    np.testing.assert_array_equal(c.features(["a", "b"], dtype=dtype), want.astype(dtype))
+    got = c.features(["a", "b"], rows=np.asarray(rows, dtype=np.int64), dtype=dtype)
+    assert got.dtype == dtype and got.shape == (len(rows), 8)
+    np.testing.assert_array_equal(got, want[rows].astype(dtype))
+    np.testing.assert_array_equal(c.features("b", rows=sorted(rows)), want[sorted(rows), 5:])
+
+
+def test_plain_shards_are_one_run_of_rows_in_the_file(tmp_path):
+    """The writer's chunks span full rows and lie back to back, so each shard is one run that
+    a read maps directly; compressed shards have none (HDF5 decodes them)."""
+    from featstack.cache import raw_row_runs
+
+    c, want = _mixed_cache(tmp_path / "x.h5")
+    gen_a, gen_b = generation_dir(c.path, "a"), generation_dir(c.path, "b")
+    with h5py.File(gen_a / "32-37.h5", "r") as f:
+        ds = f["features"]
+        assert raw_row_runs(ds) == [(0, 5, ds.id.get_chunk_info(0).byte_offset)]
+        raw = np.fromfile(gen_a / "32-37.h5", dtype=np.float16, count=5 * 5,
+                          offset=ds.id.get_chunk_info(0).byte_offset).reshape(5, 5)
+        np.testing.assert_array_equal(raw.astype(np.float32), want[32:37, :5])
+    with h5py.File(gen_b / "0-8.h5", "r") as f:
+        assert raw_row_runs(f["features"]) is None
+    with h5py.File(gen_b / "8-16.h5", "r") as f:
+        assert raw_row_runs(f["features"]) is not None
+
+
+def test_raw_row_runs_of_other_layouts(tmp_path):
+    """Contiguous datasets are one run at their offset; chunks not spanning full rows, unwritten
+    chunks and foreign byte order have no raw runs (the reader then goes through HDF5)."""
+    from featstack.cache import raw_row_runs
+
+    X = np.arange(60, dtype=np.float32).reshape(12, 5)
+    with h5py.File(tmp_path / "l.h5", "w") as f:
+        f.create_dataset("contiguous", data=X)
+        f.create_dataset("narrow_chunks", data=X, chunks=(4, 2))
+        f.create_dataset("big_endian", data=X.astype(">f4"))
+        f.create_dataset("unwritten", shape=(12, 5), dtype=np.float32, chunks=(4, 5))
+        f["unwritten"][0:4] = X[0:4]
+    with h5py.File(tmp_path / "l.h5", "r") as f:
+        runs = raw_row_runs(f["contiguous"])
+        assert runs == [(0, 12, f["contiguous"].id.get_offset())]
+        raw = np.fromfile(tmp_path / "l.h5", dtype=np.float32, count=60, offset=runs[0][2])
+        np.testing.assert_array_equal(raw.reshape(12, 5), X)
+        assert raw_row_runs(f["narrow_chunks"]) is None
+        assert raw_row_runs(f["big_endian"]) is None
+        assert raw_row_runs(f["unwritten"]) is None

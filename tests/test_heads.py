@@ -12,7 +12,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from featstack.errors import ConfigError, FeatstackError
 from featstack.heads import HEADS, create_head, head_spec, list_heads, unwrap_head
 
-DOCUMENTED = ["logreg", "linear-svm", "svm-rbf", "gaussian-nb", "multinomial-nb", "complement-nb"]
+DOCUMENTED = ["logreg", "linear-svm", "svm-rbf", "gaussian-nb", "multinomial-nb", "complement-nb", "svm-rbf-exact"]
 
 
 def _data(n=240, n_classes=3, seed=0, shift=0.0):
@@ -95,4 +95,5 @@ def test_registry_names_are_stable_keys():
     # names appear in YAML, CLI flags, results.csv and saved models: no spaces or underscores
     for name in HEADS:
         assert name == name.strip().lower() and " " not in name and "_" not in name
-    assert clone(create_head("svm-rbf")).get_params()["clf__kernel"] == "rbf"
+    assert clone(create_head("svm-rbf-exact")).get_params()["clf__kernel"] == "rbf"
+    assert clone(create_head("svm-rbf")).get_params()["clf__gamma"] == "scale"
