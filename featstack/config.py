@@ -55,6 +55,10 @@ AUGMENTS: dict = {
     "randaugment": {"hflip": 0.5, "auto_augment": "rand-m9-mstd0.5-inc1"},
 }
 TRAIN_MODELS = ("best", "named")
+#: the bench columns a model may be chosen by (train.metric; featstack.bench's ranking rule): means
+#: over the cross-validation folds only, never the test split (selecting on it makes its score
+#: optimistic) nor a cost such as fit_seconds
+RANK_METRICS = ("cv_accuracy_mean", "cv_f1_macro_mean")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,8 +520,8 @@ class TrainConfig:
     n_jobs: int | None = setting(None, "joblib workers (stack: blocks x folds)", default_text="1")
     model: str = setting("best", "best: the top row of the bench; named: train.backbones/head/fusion",
                          choices=TRAIN_MODELS, cli=None, api=None)
-    metric: str = setting("cv_accuracy_mean", "bench column that ranks the models for model: best",
-                          cli=None, api=None)
+    metric: str = setting("cv_accuracy_mean", "cross-validated bench column that ranks the models for model: best",
+                          choices=RANK_METRICS, cli=None, api=None)
 
 
 def default_fusion(cfg: TrainConfig) -> str:

@@ -394,6 +394,9 @@ class FusionSpec:
     type names a saved estimator of this fusion holds besides its heads (skops allowlist).
     ``converter``: a name in :data:`featstack.convert.FUSION_CONVERTERS`, a callable
     ``convert(estimator, dims, dtype, convert_head) -> HeadModule``, or None (export refuses).
+    ``cost``: how complex the fusion is, as a rank (0 single, 1 concat: one head, 2 vote: one head
+    per backbone, 3 stack: heads + inner folds + a meta-learner); the bench's tie rule prefers
+    the lower one among configurations tied within noise. Registered fusions default to 3.
     """
 
     name: str
@@ -405,6 +408,7 @@ class FusionSpec:
     allowed_types: tuple[str, ...] = ()
     converter: str | Callable | None = None
     description: str = ""
+    cost: int = 3
 
 
 FUSION_SPECS: dict[str, FusionSpec] = {}
@@ -419,6 +423,8 @@ def register_fusion(name: str | FusionSpec, build: Callable[..., BaseEstimator] 
         raise ValueError(f"fusion {spec.name!r} is already registered")
     if spec.min_backbones < 1 or (spec.max_backbones is not None and spec.max_backbones < spec.min_backbones):
         raise ValueError(f"fusion {spec.name!r}: backbone bounds {spec.min_backbones}..{spec.max_backbones}")
+    if isinstance(spec.cost, bool) or not isinstance(spec.cost, int) or spec.cost < 0:
+        raise ValueError(f"fusion {spec.name!r}: cost must be an integer rank >= 0, got {spec.cost!r}")
     FUSION_SPECS[spec.name] = replace(spec, allowed_types=tuple(spec.allowed_types))
     return FUSION_SPECS[spec.name]
 
@@ -540,14 +546,14 @@ def bench_stack(parts, y_train, n_classes, random_state):
 
 _META_TYPES = (type_name(LogisticRegression),)
 register_fusion("single", _plain_head, min_backbones=1, max_backbones=1, bench_combine=bench_single,
-                converter="head", description="one head on one backbone")
+                converter="head", description="one head on one backbone", cost=0)
 register_fusion("concat", _plain_head, min_backbones=2, converter="head",
-                description="one head on the backbones' features side by side (early fusion)")
+                description="one head on the backbones' features side by side (early fusion)", cost=1)
 register_fusion("vote", _vote, min_backbones=2, bench_combine=bench_vote,
                 allowed_types=(type_name(VoteClassifier),), converter="vote",
-                description="one head per backbone, class probabilities averaged (late fusion)")
+                description="one head per backbone, class probabilities averaged (late fusion)", cost=2)
 register_fusion("stack", _stack, min_backbones=2, bench_combine=bench_stack, needs_oof=True,
                 allowed_types=(type_name(StackClassifier),) + _META_TYPES, converter="stack",
-                description="one head per backbone, out-of-fold scores → a meta-learner")
+                description="one head per backbone, out-of-fold scores → a meta-learner", cost=3)
 
 FUSIONS = tuple(FUSION_SPECS)  # the built-in fusions (list_fusions() also has registered ones)
