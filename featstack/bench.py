@@ -793,8 +793,9 @@ def rank_rows(rows: Iterable[dict], metric: str = "cv_accuracy_mean") -> list[di
        the data cannot tell from the best; then the other rows by ``metric``; then the rows
        without a value (failed cells), by name.
 
-    Each row's place depends only on itself and the best row, so removing rows that are neither
-    the pick nor the best never changes the pick.
+    Whether a row is tied depends only on itself and the best row, and the pick is the first tied
+    row in a total order, so removing rows that are neither the pick nor the best never changes
+    the pick.
     """
     _check_rank_metric(metric)
     rows = list(rows)
@@ -804,7 +805,8 @@ def rank_rows(rows: Iterable[dict], metric: str = "cv_accuracy_mean") -> list[di
     if scored:
         best = min(scored, key=lambda r: _by_metric(r, metric))
         tied = [r for r in scored if r is best or _tied(best, r, metric)]
-        rest = [r for r in scored if not any(r is t for t in tied)]
+        tied_ids = {id(r) for r in tied}
+        rest = [r for r in scored if id(r) not in tied_ids]
         ordered = sorted(tied, key=lambda r: _by_cost(r, metric)) + sorted(rest, key=lambda r: _by_metric(r, metric))
     return [{**{k: v for k, v in r.items() if k not in ("rank", "tied_with_best")}, "rank": i + 1,
              "tied_with_best": i < len(tied)} for i, r in enumerate(ordered + unscored)]
