@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from sklearn.model_selection import StratifiedKFold, cross_validate
 from sklearn.pipeline import Pipeline
@@ -328,3 +330,18 @@ def test_prediction_plots_are_pngs(tmp_path):
         with Image.open(path) as im:
             im.verify()
         assert path.stat().st_size > 2000
+
+
+# ------------------------------------------------------------------ scores
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40).flatmap(lambda n: st.tuples(st.lists(st.integers(0, 6), min_size=n, max_size=n),
+                                                      st.lists(st.integers(0, 6), min_size=n, max_size=n))))
+def test_fold_scores_equal_sklearn_exactly(labels):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from featstack.bench import accuracy_and_macro_f1
+
+    y_true, y_pred = (np.array(v) for v in labels)
+    assert accuracy_and_macro_f1(y_true, y_pred) == (
+        accuracy_score(y_true, y_pred), f1_score(y_true, y_pred, average="macro", zero_division=0))
