@@ -2,7 +2,6 @@
 
     python benchmarks/bench_grid.py [--cache PATH] [--heads logreg,linear-svm,gaussian-nb]
         [--backbones 5] [--train 600] [--classes 5] [--cv 5] [--n-jobs 1] [--seed 0] [--json PATH]
-        [--no-baseline]
 
 Without ``--cache`` it writes a synthetic cache of 5 backbones (widths 32, 48, 64, 96, 128;
 600 training rows, 5 classes; each backbone a noisy, differently informative linear view of
@@ -20,10 +19,7 @@ Then, for the heads given and the ``stack`` fusion over every subset of size >= 
       (and, when the cache has a labelled test split, refit on all training rows and scored on it,
       as the bench does).
 
-and (c) the floor: the base fits of (a) alone, as plain joblib tasks on features already in memory
-(no meta-learners, scoring or bookkeeping), so (a)/(c) is the bench's overhead (target <= 1.2x).
-
-Prints the three times, the ratio (b)/(a), (a)/(c), and whether every per-fold accuracy and macro-F1 (and test
+Prints both times, the ratio (b)/(a), and whether every per-fold accuracy and macro-F1 (and test
 accuracy) is identical, bit for bit. Both sides use ``--n-jobs`` workers and one BLAS/OpenMP
 thread per task (the bench sets that itself; the baseline runs under the same
 ``threadpool_limits(1)``, so the ratio measures the reuse, not thread oversubscription, which on a
@@ -116,45 +112,6 @@ def _baseline_loop(keys, heads, cv, seed, n_jobs, X, y, Xt, yt, cols, outer, sco
                 scores[("+".join(subset), h)] = entry
 
 
-def _floor_task(X, y, tr, te, head, cv, seed):
-    """One (backbone, head, outer fold) of the floor: the base head on outer-train with its
-    outputs on outer-test, and its cv inner out-of-fold outputs (what a stack needs)."""
-    from sklearn.base import clone
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from threadpoolctl import threadpool_limits
-
-    from featstack.fusion import stack_method
-
-    with threadpool_limits(limits=1):
-        method = stack_method(head)
-        est = clone(head).fit(X[tr], y[tr])
-        getattr(est, method)(X[te])
-        cross_val_predict(clone(head), X[tr], y[tr], cv=StratifiedKFold(cv, shuffle=True, random_state=seed),
-                          method=method)
-
-
-def base_fits_floor(cache, keys, heads, cv: int, seed: int, n_jobs: int) -> float:
-    """Seconds of the stack grid's base fits alone (features already in memory; no meta-learner,
-    no scoring, no bench bookkeeping): per (backbone, head, outer fold), and for the refit when a
-    test split exists, one fit with its outputs and cv inner fits, run as plain joblib tasks on
-    ``n_jobs`` workers. Whatever the bench spends above this is overhead."""
-    from joblib import Parallel, delayed
-    from sklearn.model_selection import StratifiedKFold
-
-    train, test, _ = bench_rows(cache)
-    y = np.unique(cache.labels[train], return_inverse=True)[1]
-    data = {k: cache.features(k, rows=np.concatenate([train, test]), dtype=np.float32) for k in keys}
-    folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
-    if len(test):
-        folds.append((np.arange(len(train)), len(train) + np.arange(len(test))))
-    protos = {h: create_head(h, random_state=seed) for h in heads}
-    tasks = [delayed(_floor_task)(data[k], y, tr, te, protos[h], cv, seed)
-             for k in keys for h in heads for tr, te in folds]
-    t0 = time.perf_counter()
-    Parallel(n_jobs=n_jobs)(tasks)
-    return time.perf_counter() - t0
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", default=None, help="an existing cache (default: synthetic, 5 backbones)")
@@ -166,8 +123,6 @@ def main(argv=None) -> int:
     ap.add_argument("--n-jobs", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the figures to this JSON file")
-    ap.add_argument("--no-baseline", action="store_true",
-                    help="skip the StackingClassifier baseline (featstack against its floor only)")
     args = ap.parse_args(argv)
     heads = [h for h in args.heads.split(",") if h]
 
@@ -189,11 +144,6 @@ def main(argv=None) -> int:
                         n_jobs=args.n_jobs, random_state=args.seed, progress=False)
         t_bench = time.perf_counter() - t0
         print(f"featstack  {t_bench:8.2f} s  ({res.n_base_fits} base fits, {res.n_meta_fits} meta fits)")
-        t_floor = base_fits_floor(cache, keys, heads, args.cv, args.seed, args.n_jobs)
-        print(f"floor      {t_floor:8.2f} s  (the same {res.n_base_fits} base fits alone; featstack is "
-              f"{t_bench / t_floor:.2f}x its floor, target <= 1.2x)")
-        if args.no_baseline:
-            return 0
 
         base, t_base = baseline(cache, keys, heads, args.cv, args.seed, args.n_jobs)
         n_base_fits = sum(len(s.split("+")) for s, _ in base) * args.cv * (args.cv + 1) \
@@ -218,7 +168,7 @@ def main(argv=None) -> int:
         print(f"  differs: {d}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "featstack_seconds": t_bench, "floor_seconds": t_floor, "baseline_seconds": t_base, "ratio": ratio,
+            "featstack_seconds": t_bench, "baseline_seconds": t_base, "ratio": ratio,
             "identical": identical, "n_models": len(base), "cv": args.cv, "n_jobs": args.n_jobs,
             "heads": heads, "backbones": keys, "n_base_fits": res.n_base_fits,
             "baseline_base_fits": n_base_fits}, indent=1))
