@@ -209,9 +209,15 @@ def _fold_name(fold: int) -> str:
 def _attempt(what: str, step, *args) -> dict:
     """``step(*args)`` (a dict) with the warnings it raised as data (``warnings``: distinct
     "Category: message" lines, reported once by the bench instead of once per fit on stderr),
-    or, when it raises, :func:`_failure` naming ``what``."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    or, when it raises, :func:`_failure` naming ``what``.
+
+    Warnings are captured only in a process's main thread (this process at n_jobs 1, a loky
+    worker): ``warnings.catch_warnings`` swaps process-wide state, which tasks running as
+    concurrent threads (threading backend, dask worker threads) would restore out of order."""
+    capture = threading.current_thread() is threading.main_thread()
+    with warnings.catch_warnings(record=True) if capture else contextlib.nullcontext([]) as caught:
+        if capture:
+            warnings.simplefilter("always")
         try:
             out = step(*args)
         except Exception as e:  # noqa: BLE001 - recorded as the failed cells' error

@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +218,11 @@ if "picky" not in HEADS:  # a user head that cannot fit fewer than 4 columns
 
 def test_a_failing_base_fit_fails_its_cells_only(tmp_path):
     cache = _cache(tmp_path / "p.h5", {"wide": ("signal", 6), "thin": ("signal", 3)})
-    res = run_bench(cache, heads="picky,logreg", fusions="single,concat,stack", max_size=2, cv=CV, n_jobs=1,
+    before = (warnings.showwarning, list(warnings.filters))
+    res = run_bench(cache, heads="picky,logreg", fusions="single,concat,stack", max_size=2, cv=CV, n_jobs=2,
                     backend="threading", progress=False)
+    # tasks in concurrent threads leave the process-wide warnings state as it was
+    assert (warnings.showwarning, list(warnings.filters)) == before
     failed = {(r["backbones"], r["head"], r["fusion"]): r["error"] for r in res.rows if r["status"] == "failed"}
     # thin alone, and the stack that fits a head on thin's columns; concat sees 9 columns and fits
     assert set(failed) == {("thin", "picky", "single"), ("thin+wide", "picky", "stack")}
