@@ -179,23 +179,24 @@ class BenchProgress:
                     m[0] += fit_s
                     m[1] += fits
             done = float(self.done_units)
-            left = 0.0
-            unknown = False
+            per_fit: dict[tuple, float | None] = {}  # one estimate per kind of fit, not per task
+            fits_left: dict[tuple, float] = {}
             for n, task in self.tasks.items():
                 if n in self.finished:
                     continue
-                per_fit = estimate_fit_seconds(measured, task.kind, task.width)
-                fits_left = float(task.units)
+                if task.kind not in per_fit:
+                    per_fit[task.kind] = estimate_fit_seconds(measured, task.kind, task.width)
+                est = per_fit[task.kind]
+                units = float(task.units)
                 if n in running:
                     _, fits, _, last = running[n]
-                    part = min(RUNNING_CAP, (now - last) / per_fit) if per_fit else 0.0
+                    part = min(RUNNING_CAP, (now - last) / est) if est else 0.0
                     done += fits + part
-                    fits_left -= fits + part
-                if per_fit is None:
-                    unknown = True
-                else:
-                    left += max(0.0, fits_left) * per_fit
-            n_open = sum(1 for n in self.tasks if n not in self.finished) or 1
+                    units = max(0.0, units - fits - part)
+                fits_left[task.kind] = fits_left.get(task.kind, 0.0) + units
+            unknown = any(per_fit[k] is None for k in fits_left)
+            left = sum(fits_left[k] * per_fit[k] for k in fits_left if per_fit[k] is not None)
+            n_open = len(self.tasks) - len(self.finished) or 1
         eta = None if unknown or not measured else left / min(self.workers, n_open)
         longest = None
         if running:
