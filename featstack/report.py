@@ -93,8 +93,20 @@ def _open_cache(path):
 
 def bench_rows(bench: dict) -> list[dict]:
     """The bench rows in the bench's rank order (featstack.bench.rank_rows: standard errors,
-    ties and the pick are the bench's columns, never recomputed here)."""
-    return [dict(r) for r in bench.get("rows", [])]
+    ties and the pick are the bench's columns). A bench.json written before the tie rule gets
+    them here, from its per-fold scores, by the same functions."""
+    rows = [dict(r) for r in bench.get("rows", [])]
+    if not rows or "tied_with_best" in rows[0]:
+        return rows
+    from .bench import rank_rows, standard_error
+
+    folds = {(f["backbones"], f["head"], f["fusion"]): f for f in bench.get("folds", [])}
+    for r in rows:
+        f = folds.get((r["backbones"], r["head"], r["fusion"]), {})
+        for name in ("accuracy", "f1_macro"):
+            if name in f:
+                r[f"cv_{name}_folds"], r[f"cv_{name}_se"] = f[name], standard_error(f[name])
+    return rank_rows(rows)
 
 
 def scored_rows(rows: list[dict]) -> list[dict]:

@@ -160,6 +160,21 @@ def test_ties_marked_on_a_real_bench(tie_cache, tmp_path):
         assert r["cv_accuracy_std"] == pytest.approx(a.std())
 
 
+def test_report_ranks_a_bench_json_written_before_the_tie_rule_the_same_way(tie_cache, tmp_path):
+    from featstack.report import bench_rows as report_rows
+
+    run_bench(tie_cache, heads="logreg,gaussian-nb", fusions="single,vote", max_size=2, cv=CV, out=tmp_path / "o",
+              progress=False)
+    doc = json.loads((tmp_path / "o" / "bench.json").read_text())
+    new = ("cv_accuracy_se", "cv_f1_macro_se", "cv_accuracy_folds", "cv_f1_macro_folds", "tied_with_best",
+           "status", "error")
+    old = dict(doc, rows=sorted(({k: v for k, v in r.items() if k not in new} for r in doc["rows"]),
+                                key=lambda r: -r["cv_accuracy_mean"]))
+    key = lambda r: (r["rank"], r["backbones"], r["head"], r["fusion"], r["tied_with_best"], r["cv_accuracy_se"])  # noqa: E731
+    assert [key(r) for r in report_rows(old)] == [key(r) for r in doc["rows"]]
+    assert report_rows(doc) == doc["rows"]
+
+
 def test_removing_an_unrelated_head_from_a_real_bench_keeps_the_pick(tie_cache):
     heads = ["logreg", "gaussian-nb", "linear-svm"]
     full = run_bench(tie_cache, heads=heads, fusions="single,vote", max_size=2, cv=CV, progress=False)
