@@ -9,7 +9,7 @@ computes, once per (backbone, head, outer fold k):
 
 * the base head fitted on outer-train k, with its raw outputs on outer-test k (used by ``single``,
   by ``vote``: argmax of the mean of the blocks' probabilities, and by ``stack`` at prediction);
-* its inner out-of-fold scores on outer-train k (``cross_val_predict`` with the same seeded
+* its inner out-of-fold scores on outer-train k (:func:`featstack.fusion.out_of_fold`, the same seeded
   ``StratifiedKFold`` as :class:`featstack.fusion.StackClassifier`), from which ``stack`` fits its
   meta-learner per subset.
 
@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -43,22 +44,22 @@ from urllib.parse import urlparse
 import numpy as np
 from joblib import Parallel, delayed, parallel_config
 from sklearn.base import clone
-from sklearn.metrics import accuracy_score, f1_score
 
 from . import __version__
+from .bench_progress import BenchProgress
 from .cache import Cache, open_cache, select_rows
-from .errors import CacheError, CacheMismatchError, ConfigError, DataError
-from .fusion import bench_sizes_hint, fusion_spec, list_fusions, out_of_fold, stack_method, stack_splitter
-from .heads import create_head, head_spec, labels_from_decision
+from .config import RANK_METRICS
+from .errors import BenchError, CacheError, CacheMismatchError, ConfigError, DataError
+from .fusion import (FUSION_SPECS, FusionSpec, bench_sizes_hint, fusion_spec, list_fusions, out_of_fold, stack_method,
+                     stack_splitter)
+from .heads import HEADS, HeadSpec, create_head, head_spec, labels_from_decision
 from .models import check_finite_features, check_training_classes, inner_folds, require_training_rows
 from .orphans import exit_with_parent, mark_parent
 
 BACKENDS = ("loky", "threading", "dask")
-CSV_COLUMNS = ["rank", "backbones", "head", "fusion", "size", "cv_accuracy_mean", "cv_accuracy_std",
-               "cv_f1_macro_mean", "cv_f1_macro_std", "test_accuracy", "test_f1_macro", "fit_seconds",
-               "n_train", "n_test", "random_init"]
-_METRICS = ("cv_accuracy_mean", "cv_accuracy_std", "cv_f1_macro_mean", "cv_f1_macro_std",
-            "test_accuracy", "test_f1_macro", "fit_seconds")
+CSV_COLUMNS = ["rank", "backbones", "head", "fusion", "size", "cv_accuracy_mean", "cv_accuracy_se", "cv_accuracy_std",
+               "cv_f1_macro_mean", "cv_f1_macro_se", "cv_f1_macro_std", "tied_with_best", "test_accuracy",
+               "test_f1_macro", "fit_seconds", "n_train", "n_test", "random_init", "status", "error"]
 REFIT = -1  # fold index of the refit on all training rows, scored on the test split
 
 
@@ -70,7 +71,8 @@ REFIT = -1  # fold index of the refit on all training rows, scored on the test s
 class BenchResult:
     """What a bench run produced.
 
-    ``rows`` are ranked best first (cv accuracy, then cv macro-F1, then smaller subsets).
+    ``rows`` are ranked by :func:`rank_rows` (cv accuracy; rank 1 is the cheapest configuration
+    tied with the best within noise; failed cells last, with ``status`` "failed" and ``error``).
     ``folds`` maps (backbones, head, fusion) to the per-outer-fold ``accuracy`` and ``f1_macro``
     lists, so any row can be checked against a plain ``cross_validate`` on the same folds.
     ``n_base_fits`` counts the per-backbone head fits (outer and inner folds, refit included):
@@ -85,12 +87,13 @@ class BenchResult:
     n_train: int = 0
     n_test: int = 0
     n_excluded: int = 0
+    warnings: list = field(default_factory=list)
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
     out: Path | None = None
 
     def best(self, metric: str = "cv_accuracy_mean") -> dict:
-        """The best row by ``metric`` (see :func:`best_row`)."""
+        """The pick by a cross-validated ``metric`` (see :func:`best_row`)."""
         return best_row(self.rows, metric)
 
     def table(self, top: int = 20) -> str:
@@ -194,14 +197,50 @@ def _one_thread():
                 st["limiter"] = None
 
 
-def _base_task(tag, src, y, train_idx, test_idx, proto, cv, random_state, need_oof):
+def _failure(what: str, error: Exception) -> dict:
+    """A task's result when its fit failed: one line naming the task and the error, so the grid
+    records the failed cells and goes on (one degenerate cell must not cost the whole grid)."""
+    lines = str(error).strip().splitlines()
+    text = f"{what}: {type(error).__name__}" + (f": {lines[0]}" if lines else "")
+    return {"error": text if len(text) <= 300 else text[:297] + "..."}
+
+
+def _fold_name(fold: int) -> str:
+    return "the refit on all training rows" if fold == REFIT else f"outer fold {fold + 1}"
+
+
+def _attempt(what: str, step, *args) -> dict:
+    """``step(*args)`` (a dict) with the warnings it raised as data (``warnings``: distinct
+    "Category: message" lines, reported once by the bench instead of once per fit on stderr),
+    or, when it raises, :func:`_failure` naming ``what``.
+
+    Warnings are captured only in a process's main thread (this process at n_jobs 1, a loky
+    worker): ``warnings.catch_warnings`` swaps process-wide state, which tasks running as
+    concurrent threads (threading backend, dask worker threads) would restore out of order."""
+    capture = threading.current_thread() is threading.main_thread()
+    with warnings.catch_warnings(record=True) if capture else contextlib.nullcontext([]) as caught:
+        if capture:
+            warnings.simplefilter("always")
+        try:
+            out = step(*args)
+        except Exception as e:  # noqa: BLE001 - recorded as the failed cells' error
+            return _failure(what, e)
+    out["warnings"] = sorted({f"{w.category.__name__}: {(str(w.message).splitlines() or [''])[0]}"
+                              for w in caught})
+    return out
+
+
+def _base_task(tag, src, y, train_idx, test_idx, proto, cv, random_state, need_oof, beat):
     """One (backbone, head, fold): the base head on outer-train, its outputs on outer-test and,
     for fusions that need them, its inner out-of-fold scores on outer-train."""
+    X = _resolve(src)  # outside the attempt: a cache that cannot be read fails the bench, not a cell
+    beat.start()
     with _one_thread():
-        return _base(tag, _resolve(src), y, train_idx, test_idx, proto, cv, random_state, need_oof)
+        return tag, _attempt(f"{tag[2]} on {tag[1]}, {_fold_name(tag[3])}", _base, X, y, train_idx, test_idx,
+                             proto, cv, random_state, need_oof, beat)
 
 
-def _base(tag, X, y, train_idx, test_idx, proto, cv, random_state, need_oof):
+def _base(X, y, train_idx, test_idx, proto, cv, random_state, need_oof, beat):
     method = stack_method(proto)
     Xtr, ytr, Xte = X[train_idx], y[train_idx], X[test_idx]
     t0 = time.perf_counter()
@@ -211,39 +250,56 @@ def _base(tag, X, y, train_idx, test_idx, proto, cv, random_state, need_oof):
     pred = labels_from_decision(est, raw) if raw is not None and method == "decision_function" else None
     if pred is None:  # one pass over the test rows when the labels follow from the scores
         pred = est.predict(Xte) if len(Xte) else np.empty(0, dtype=ytr.dtype)
+    beat.fit(time.perf_counter() - t0)
     oof, oof_s = None, 0.0
     if need_oof:
         t0 = time.perf_counter()
-        oof = out_of_fold(proto, Xtr, ytr, cv, random_state)
+        oof = out_of_fold(proto, Xtr, ytr, cv, random_state, n_jobs=1, on_fit=beat.fit)
         oof_s = time.perf_counter() - t0
-    return tag, {"method": method, "raw": raw, "pred": pred, "oof": oof, "fit_s": fit_s,
-                 "oof_s": oof_s, "n_fits": 1 + (cv if need_oof else 0)}
+    return {"method": method, "raw": raw, "pred": pred, "oof": oof, "fit_s": fit_s,
+            "oof_s": oof_s, "n_fits": 1 + (cv if need_oof else 0)}
 
 
-def _fit_task(tag, srcs, y, train_idx, test_idx, proto):
+def _fit_task(tag, srcs, y, train_idx, test_idx, proto, beat):
     """One (subset, head, fold) of a fusion the bench cannot assemble from shared per-backbone
     fits (``concat``, or a fusion registered without ``bench_combine``): its own estimator on
     all the subset's columns."""
     X = np.hstack([_resolve(s) for s in srcs])
+    beat.start()
     with _one_thread():
-        t0 = time.perf_counter()
-        est = clone(proto).fit(X[train_idx], y[train_idx])
-        fit_s = time.perf_counter() - t0
-        pred = est.predict(X[test_idx]) if len(test_idx) else np.empty(0, dtype=y.dtype)
-    return tag, {"pred": pred, "fit_s": fit_s}
+        return tag, _attempt(f"{tag[1]} of {'+'.join(tag[2])} with {tag[3]}, {_fold_name(tag[4])}", _fit,
+                             X, y, train_idx, test_idx, proto, beat)
 
 
-def _meta_task(tag, combine, folds, n_classes, random_state):
+def _fit(X, y, train_idx, test_idx, proto, beat):
+    t0 = time.perf_counter()
+    est = clone(proto).fit(X[train_idx], y[train_idx])
+    fit_s = time.perf_counter() - t0
+    pred = est.predict(X[test_idx]) if len(test_idx) else np.empty(0, dtype=y.dtype)
+    beat.fit(time.perf_counter() - t0)
+    return {"pred": pred, "fit_s": fit_s}
+
+
+def _meta_task(tag, combine, folds, n_classes, random_state, beat):
     """One (fusion, subset, head): per fold, the fusion's ``bench_combine`` over the shared
     per-backbone outputs (a stack fits its meta-learner here)."""
     out = {}
+    beat.start()
     with _one_thread():
         for k, (parts, ytr) in folds.items():
-            t0 = time.perf_counter()
-            pred, n_fits = combine(parts, ytr, n_classes, random_state)
-            out[k] = {"pred": np.asarray(pred, dtype=np.int64), "fit_s": time.perf_counter() - t0,
-                      "n_fits": n_fits}
+            got = _attempt(f"{tag[1]} of {'+'.join(tag[2])} with {tag[3]}, {_fold_name(k)}", _combine,
+                           combine, parts, ytr, n_classes, random_state, beat)
+            if "error" in got:
+                return tag, got
+            out[k] = got
     return tag, out
+
+
+def _combine(combine, parts, ytr, n_classes, random_state, beat):
+    t0 = time.perf_counter()
+    pred, n_fits = combine(parts, ytr, n_classes, random_state)
+    beat.fit(time.perf_counter() - t0)
+    return {"pred": np.asarray(pred, dtype=np.int64), "fit_s": time.perf_counter() - t0, "n_fits": n_fits}
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +406,18 @@ class _Backend:
         self.share_fs = local if share_fs is None else bool(share_fs)
         self.n_jobs = -1
 
+    @property
+    def workers(self) -> int:
+        """Tasks that run at once (the progress bar's ETA divides the work left by it)."""
+        if self.name != "dask":
+            from joblib import effective_n_jobs
+
+            return effective_n_jobs(self.n_jobs)
+        try:
+            return max(1, sum(w.get("nthreads", 1) for w in self.client.scheduler_info()["workers"].values()))
+        except Exception:  # noqa: BLE001 - an estimate only
+            return 1
+
     def config(self, scatter: list | None = None):
         if self.name != "dask":
             return parallel_config(backend=self.name, n_jobs=self.n_jobs)
@@ -363,16 +431,27 @@ class _Backend:
             self.cluster.close()
 
 
-def _run_tasks(tasks: list, backend: _Backend, bar, scatter: list | None = None) -> dict:
-    """Run (tag, delayed call) tasks through joblib, updating the progress bar as they finish."""
+def _run_tasks(tasks: list, backend: _Backend, bar: BenchProgress, scatter: list | None = None) -> dict:
+    """Run (heartbeat, delayed call returning (tag, result)) tasks through joblib; the bar hears
+    of each result (and, through the heartbeats, of each fit before that)."""
     if not tasks:
         return {}
+    beats = {call[1][0]: beat for beat, call in tasks}  # a delayed call is (function, args, kwargs)
     out = {}
     with backend.config(scatter):  # loky, threading and dask all support generators
-        for tag, value in Parallel(return_as="generator_unordered")(tasks):
+        for tag, value in Parallel(return_as="generator_unordered")(call for _, call in tasks):
             out[tag] = value
-            bar.update(1)
+            bar.finish(beats[tag], _task_seconds(value))
     return out
+
+
+def _task_seconds(value: dict) -> float | None:
+    """Seconds a finished task spent in its fits (None when it failed): the ETA's measurements."""
+    if "error" in value:
+        return None
+    if "fit_s" in value:
+        return value["fit_s"] + value.get("oof_s", 0.0)
+    return sum(v["fit_s"] for v in value.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,8 +528,6 @@ def run_bench(cache: Cache | str | os.PathLike, *, heads: str | Sequence[str],
 
 def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv, n_jobs, random_state,
          tune, out, progress, t_start) -> BenchResult:
-    from tqdm.auto import tqdm
-
     train_rows, test_rows, n_excluded = bench_rows(cache)
     require_training_rows(cache, train_rows)
     y_train_raw = cache.labels[train_rows]
@@ -489,67 +566,62 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
 
     # Heads are built here, in the caller's process, where every registered head exists.
     protos = {h: create_head(h, tune=tune, random_state=random_state) for h in head_list}
-    base_tasks = []
-    if want_base:
-        for k in used:
-            for h in head_list:
-                for f, (tr, te) in folds.items():
-                    base_tasks.append(delayed(_base_task)(
-                        ("base", k, h, f), srcs[k], y, tr, te, protos[h], cv, random_state, want_oof))
-    fit_tasks = [
-        delayed(_fit_task)(("fit", fu, s, h, f), [srcs[k] for k in s], y, tr, te,
-                           specs[fu].build(h, tuple(dims[k] for k in s), cv=cv, random_state=random_state,
-                                           tune=tune, n_jobs=None))
-        for s, fu in combos if specs[fu].bench_combine is None for h in head_list
-        for f, (tr, te) in folds.items()]
     combined = [(s, fu) for s, fu in combos if specs[fu].bench_combine is not None]
-    bar = tqdm(total=len(base_tasks) + len(fit_tasks) + len(combined) * len(head_list), desc="bench",
-               unit="task", disable=not progress, dynamic_ncols=True)
-    with bar:
-        done = _run_tasks(base_tasks + fit_tasks, be, bar, scatter)
-        combine_tasks = [
-            delayed(_meta_task)(("combine", fu, s, h), specs[fu].bench_combine,
-                                   {f: ([done[("base", k, h, f)] for k in s], y[tr]) for f, (tr, _) in folds.items()},
-                                   len(classes), random_state)
-            for s, fu in combined for h in head_list]
-        done.update(_run_tasks(combine_tasks, be, bar))
+    base_units = 1 + (cv if want_oof else 0)
+    plan = [(("base", k, h, f), base_units) for k in (used if want_base else []) for h in head_list for f in folds]
+    plan += [(("fit", fu, s, h, f), 1) for s, fu in combos if specs[fu].bench_combine is None
+             for h in head_list for f in folds]
+    total = sum(u for _, u in plan) + len(combined) * len(head_list) * len(folds)
+    with BenchProgress(total, be.workers, enabled=progress) as bar:
+        tasks = []
+        for tag, units in plan:
+            if tag[0] == "base":
+                _, k, h, f = tag
+                beat = bar.heartbeat(f"{h} on {k}, {_fold_name(f)}", units, (h, "base", dims[k]), dims[k])
+                tasks.append((beat, delayed(_base_task)(tag, srcs[k], y, *folds[f], protos[h], cv, random_state,
+                                                        want_oof, beat)))
+            else:
+                _, fu, s, h, f = tag
+                width = sum(dims[k] for k in s)
+                beat = bar.heartbeat(f"{fu} of {'+'.join(s)} with {h}, {_fold_name(f)}", 1, (h, fu, width), width)
+                est = specs[fu].build(h, tuple(dims[k] for k in s), cv=cv, random_state=random_state, tune=tune,
+                                      n_jobs=None)
+                tasks.append((beat, delayed(_fit_task)(tag, [srcs[k] for k in s], y, *folds[f], est, beat)))
+        done = _run_tasks(tasks, be, bar, scatter)
+        tasks = []
+        for s, fu in combined:
+            for h in head_list:
+                if _first_error(done[("base", k, h, f)] for k in s for f in folds) is not None:
+                    bar.drop(len(folds))  # the cell failed in a base fit: nothing to combine
+                    continue
+                beat = bar.heartbeat(f"{fu} of {'+'.join(s)} with {h}", len(folds), ("meta", fu, len(s)), len(s))
+                parts = {f: ([done[("base", k, h, f)] for k in s], y[tr]) for f, (tr, _) in folds.items()}
+                tasks.append((beat, delayed(_meta_task)(("combine", fu, s, h), specs[fu].bench_combine, parts,
+                                                        len(classes), random_state, beat)))
+        done.update(_run_tasks(tasks, be, bar))
 
     # Scores
-    n_base_fits = sum(v["n_fits"] for t, v in done.items() if t[0] == "base")
-    n_concat_fits = sum(1 for t in done if t[0] == "fit")
-    n_meta_fits = sum(m["n_fits"] for t, v in done.items() if t[0] == "combine" for m in v.values())
+    n_base_fits = sum(v.get("n_fits", 0) for t, v in done.items() if t[0] == "base")
+    n_concat_fits = sum(1 for t, v in done.items() if t[0] == "fit" and "error" not in v)
+    n_meta_fits = sum(m["n_fits"] for t, v in done.items() if t[0] == "combine" and "error" not in v
+                      for m in v.values())
     fold_ids = [k for k in folds if k != REFIT]
+    y_true = {f: (y_train_raw[te] if f != REFIT else y_test) for f, (_, te) in folds.items()}
     rows, fold_scores = [], {}
     for s, fu in combos:
         for h in head_list:
-            preds, times = {}, {}
-            for f in folds:
-                if specs[fu].bench_combine is None:
-                    p = done[("fit", fu, s, h, f)]
-                    preds[f], times[f] = p["pred"], p["fit_s"]
-                else:
-                    parts = [done[("base", k, h, f)] for k in s]
-                    m = done[("combine", fu, s, h)][f]
-                    preds[f] = m["pred"]
-                    own_oof = specs[fu].needs_oof  # a fusion's cost counts the inner folds it uses
-                    times[f] = sum(p["fit_s"] + (p["oof_s"] if own_oof else 0.0) for p in parts) + m["fit_s"]
-            acc = [accuracy_score(y_train_raw[folds[f][1]], classes[preds[f]]) for f in fold_ids]
-            f1 = [f1_score(y_train_raw[folds[f][1]], classes[preds[f]], average="macro", zero_division=0)
-                  for f in fold_ids]
-            name = "+".join(s)
-            row = {"backbones": name, "head": h, "fusion": fu, "size": len(s),
-                   "cv_accuracy_mean": float(np.mean(acc)), "cv_accuracy_std": float(np.std(acc)),
-                   "cv_f1_macro_mean": float(np.mean(f1)), "cv_f1_macro_std": float(np.std(f1)),
-                   "test_accuracy": None, "test_f1_macro": None,
-                   "fit_seconds": float(np.mean([times[f] for f in fold_ids])),
-                   "n_train": n_train, "n_test": n_test}
-            if n_test:
-                yhat = classes[preds[REFIT]]
-                row["test_accuracy"] = float(accuracy_score(y_test, yhat))
-                row["test_f1_macro"] = float(f1_score(y_test, yhat, average="macro", zero_division=0))
+            row = {"backbones": "+".join(s), "head": h, "fusion": fu, "size": len(s)}
+            got = _cell_outputs(done, specs[fu], s, h, folds)
+            if isinstance(got, str):
+                row.update(dict.fromkeys(SCORE_COLUMNS), n_train=n_train, n_test=n_test, status="failed", error=got)
+            else:
+                preds, times = got
+                row.update(_scores({f: (y_true[f], classes[preds[f]]) for f in folds}, fold_ids),
+                           fit_seconds=float(np.mean([times[f] for f in fold_ids])), n_train=n_train,
+                           n_test=n_test, status="ok", error="")
+                fold_scores[(row["backbones"], h, fu)] = {"accuracy": row["cv_accuracy_folds"],
+                                                          "f1_macro": row["cv_f1_macro_folds"]}
             rows.append(row)
-            fold_scores[(name, h, fu)] = {"accuracy": [float(a) for a in acc],
-                                          "f1_macro": [float(v) for v in f1]}
     rows = mark_random_init(rank_rows(rows), cache)
 
     settings = {"heads": head_list, "fusions": fusion_list, "backbones": keys, "max_size": max_size,
@@ -557,11 +629,80 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
                 "backend": be.name, "scheduler": be.address, "share_fs": be.share_fs if be.name == "dask" else None}
     result = BenchResult(rows=rows, folds=fold_scores, n_base_fits=n_base_fits,
                          n_concat_fits=n_concat_fits, n_meta_fits=n_meta_fits, n_train=n_train,
-                         n_test=n_test, n_excluded=n_excluded,
+                         n_test=n_test, n_excluded=n_excluded, warnings=_distinct_warnings(done),
                          seconds=time.perf_counter() - t_start, settings=settings)
     if out is not None:
         result.out = write_outputs(result, cache, out, dims=dims)
+    if all(r["status"] == "failed" for r in rows):
+        where = f" (errors in {result.out / 'results.csv'})" if result.out else ""
+        raise BenchError(f"every one of the {len(rows)} configurations failed{where}; the first: {rows[0]['error']}")
     return result
+
+
+def _distinct_warnings(done: dict) -> list[str]:
+    """Every distinct warning the fits raised ("Category: message"), with how many tasks raised it."""
+    counts: dict[str, int] = {}
+    for tag, v in done.items():
+        for part in (v.values() if tag[0] == "combine" and "error" not in v else [v]):
+            for w in part.get("warnings", ()):
+                counts[w] = counts.get(w, 0) + 1
+    return [f"{w} ({n} task{'s' if n > 1 else ''})" for w, n in sorted(counts.items())]
+
+
+def _first_error(results: Iterable[dict]) -> str | None:
+    return next((r["error"] for r in results if "error" in r), None)
+
+
+def _cell_outputs(done: dict, spec, s: tuple, h: str, folds: dict) -> tuple[dict, dict] | str:
+    """(predicted class indices, fit seconds) per fold of one (subset, head, fusion) cell, or the
+    error of the first of its tasks that failed."""
+    if spec.bench_combine is None:
+        got = {f: done[("fit", spec.name, s, h, f)] for f in folds}
+        err = _first_error(got.values())
+        return err if err else ({f: g["pred"] for f, g in got.items()}, {f: g["fit_s"] for f, g in got.items()})
+    parts = {f: [done[("base", k, h, f)] for k in s] for f in folds}
+    err = _first_error(p for f in folds for p in parts[f]) or _first_error([done[("combine", spec.name, s, h)]])
+    if err:
+        return err
+    meta = done[("combine", spec.name, s, h)]
+    # a fusion's cost counts the inner folds it uses
+    times = {f: sum(p["fit_s"] + (p["oof_s"] if spec.needs_oof else 0.0) for p in parts[f]) + meta[f]["fit_s"]
+             for f in folds}
+    return {f: meta[f]["pred"] for f in folds}, times
+
+
+SCORE_COLUMNS = ("cv_accuracy_mean", "cv_accuracy_se", "cv_accuracy_std", "cv_accuracy_folds", "cv_f1_macro_mean",
+                 "cv_f1_macro_se", "cv_f1_macro_std", "cv_f1_macro_folds", "test_accuracy", "test_f1_macro",
+                 "fit_seconds")
+
+
+def _scores(truth_pred: dict, fold_ids: list) -> dict:
+    """The score columns of a cell from (true, predicted) labels per fold: per cross-validated
+    metric the fold scores, their mean, spread (std over folds) and the standard error of the mean;
+    the test scores from the refit (None without a test split)."""
+    got = {f: accuracy_and_macro_f1(*tp) for f, tp in truth_pred.items()}
+    out = {"test_accuracy": None, "test_f1_macro": None}
+    for i, name in enumerate(("accuracy", "f1_macro")):
+        folds = [got[f][i] for f in fold_ids]
+        out.update({f"cv_{name}_mean": float(np.mean(folds)), f"cv_{name}_se": standard_error(folds),
+                    f"cv_{name}_std": float(np.std(folds)), f"cv_{name}_folds": folds})
+        if REFIT in got:
+            out[f"test_{name}"] = got[REFIT][i]
+    return out
+
+
+def accuracy_and_macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
+    """``accuracy_score`` and ``f1_score(average="macro", zero_division=0)`` of integer labels,
+    the same numbers by the same formulas (per label present in either: 2·tp / (n_true + n_pred);
+    then the mean over those labels) from three bincounts, without scikit-learn's per-call input
+    validation, which on a small grid cost about as much as the meta-learner fits."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    n = int(max(y_true.max(initial=0), y_pred.max(initial=0))) + 1
+    hit = y_true == y_pred
+    tp = np.bincount(y_true[hit], minlength=n)
+    both = (np.bincount(y_true, minlength=n) + np.bincount(y_pred, minlength=n)).astype(np.float64)
+    present = both > 0
+    return float(np.average(hit)), float(np.mean(2.0 * tp[present] / both[present]))
 
 
 def mark_random_init(rows: list[dict], cache: Cache) -> list[dict]:
@@ -573,33 +714,135 @@ def mark_random_init(rows: list[dict], cache: Cache) -> list[dict]:
     return rows
 
 
-def _rank_key(row: dict, metric: str) -> tuple:
-    """THE ranking rule (the bench table, ``BenchResult.best``, the pipeline's choice of model
-    and the report all rank through it): ``metric`` (rows without a value last), then cv
-    macro-F1, then smaller subsets, then by name (deterministic, so equal runs give equal files)."""
-    value, f1 = row.get(metric), row.get("cv_f1_macro_mean")
-    return (value is None, -float(value or 0.0), -float(f1 or 0.0), int(row.get("size") or 1),
-            str(row.get("backbones")), str(row.get("head")), str(row.get("fusion")))
+# --------------------------------------------------------------------------------------------
+# Ranking: the one rule
+# --------------------------------------------------------------------------------------------
+
+TIE_SE = 2.0  # a paired difference within this many of its standard errors is noise
+
+
+def standard_error(scores: Sequence[float]) -> float | None:
+    """Standard error of a CV mean from its fold scores (sample std / sqrt(k)): how precisely
+    the mean is known, as opposed to the spread of one fold (the std). None below 2 folds."""
+    a = np.asarray(scores, dtype=float)
+    return float(np.std(a, ddof=1) / np.sqrt(len(a))) if len(a) >= 2 else None
+
+
+def within_noise(best: Sequence[float], other: Sequence[float]) -> bool:
+    """Whether ``other``'s fold scores are within noise of ``best``'s on the same k folds: the
+    mean paired difference d = best - other is at most :data:`TIE_SE` standard errors of that
+    difference (sample std of d over sqrt(k)).
+
+    Why paired: both were scored on the same folds, so the fold-to-fold variation they share
+    (an easy fold is easy for every model) cancels out, and the test is far sharper than
+    comparing two means with their own error bars. Why not the Nadeau–Bengio corrected
+    t-test: at k = 5 it ties 5-10 point gaps on small data, which would hand the pick to the
+    cheapest head too often; two standard errors errs toward keeping the better-scoring model.
+    """
+    d = np.asarray(best, dtype=float) - np.asarray(other, dtype=float)
+    if len(d) == 0 or d.mean() <= 1e-12:  # not worse on average: tied by definition
+        return True
+    se = standard_error(d)
+    return se is not None and bool(d.mean() <= TIE_SE * se)
+
+
+def _check_rank_metric(metric: str) -> None:
+    if metric not in RANK_METRICS:
+        raise ConfigError(f"{metric!r} is not a cross-validated bench column; models are ranked by "
+                          f"{' or '.join(RANK_METRICS)} (never by the test split or by a cost)")
+
+
+def _folds_of(row: dict, metric: str) -> list | None:
+    return row.get(metric.replace("_mean", "_folds"))
+
+
+def _tied(best: dict, row: dict, metric: str) -> bool:
+    """``row`` within noise of ``best`` by ``metric`` (paired over the same folds; rows from an
+    older bench.json without fold scores: tied only on an equal mean)."""
+    a, b = _folds_of(best, metric), _folds_of(row, metric)
+    if a is None or b is None or len(a) != len(b):
+        return float(row[metric]) >= float(best[metric])
+    return within_noise(a, b)
+
+
+def _costs(row: dict) -> tuple:
+    """Cheaper first: fewer backbones, then the faster head, then the simpler fusion (the
+    registries' ``cost`` ranks; a name this process has not registered counts as the default)."""
+    return (int(row.get("size") or 1), getattr(HEADS.get(row.get("head")), "cost", HeadSpec.cost),
+            getattr(FUSION_SPECS.get(row.get("fusion")), "cost", FusionSpec.cost))
+
+
+def _names_of(row: dict) -> tuple:
+    return str(row.get("backbones")), str(row.get("head")), str(row.get("fusion"))
+
+
+def _by_metric(row: dict, metric: str) -> tuple:
+    """Better first: ``metric``, then the other cross-validated metric, then cheaper, then by
+    name (a total order, so equal runs give equal files)."""
+    other = next(m for m in RANK_METRICS if m != metric)
+    return (-float(row[metric]), -float(row.get(other) or 0.0)) + _costs(row) + _names_of(row)
+
+
+def _by_cost(row: dict, metric: str) -> tuple:
+    """The tie-break order: cheaper first, then better by ``metric``, then by name."""
+    return _costs(row) + (-float(row[metric]),) + _names_of(row)
 
 
 def rank_rows(rows: Iterable[dict], metric: str = "cv_accuracy_mean") -> list[dict]:
-    """Copies of the rows, best first by :func:`_rank_key`, with ``rank`` set from 1."""
-    ranked = sorted(rows, key=lambda r: _rank_key(r, metric))
-    return [{"rank": i + 1, **{k: v for k, v in r.items() if k != "rank"}} for i, r in enumerate(ranked)]
+    """THE ranking rule (the bench table, ``BenchResult.best``, the pipeline's choice of model and
+    the report all rank through it). Copies of the rows with ``rank`` (from 1) and
+    ``tied_with_best`` set:
+
+    1. the best by ``metric`` is the row with the highest mean (see :func:`_by_metric`);
+    2. every row whose fold scores are within noise of the best's (:func:`within_noise`, paired
+       over the same folds) is tied with it;
+    3. the tied rows come first, cheapest first (fewer backbones, then the faster head, then the
+       simpler fusion: :func:`_costs`), so rank 1, the pick, is the cheapest configuration that
+       the data cannot tell from the best; then the other rows by ``metric``; then the rows
+       without a value (failed cells), by name.
+
+    Whether a row is tied depends only on itself and the best row, and the pick is the first tied
+    row in a total order, so removing rows that are neither the pick nor the best never changes
+    the pick.
+    """
+    _check_rank_metric(metric)
+    rows = list(rows)
+    scored = [r for r in rows if r.get(metric) is not None]
+    unscored = sorted((r for r in rows if r.get(metric) is None), key=_names_of)
+    ordered, tied = [], []
+    if scored:
+        best = min(scored, key=lambda r: _by_metric(r, metric))
+        tied = [r for r in scored if r is best or _tied(best, r, metric)]
+        tied_ids = {id(r) for r in tied}
+        rest = [r for r in scored if id(r) not in tied_ids]
+        ordered = sorted(tied, key=lambda r: _by_cost(r, metric)) + sorted(rest, key=lambda r: _by_metric(r, metric))
+    return [{**{k: v for k, v in r.items() if k not in ("rank", "tied_with_best")}, "rank": i + 1,
+             "tied_with_best": i < len(tied)} for i, r in enumerate(ordered + unscored)]
 
 
 def best_row(rows: Sequence[dict], metric: str = "cv_accuracy_mean") -> dict:
-    """The first row by the ranking rule among those with a value for ``metric``; a ConfigError
-    when there is none or ``metric`` is not a bench column."""
+    """The pick: rank 1 by :func:`rank_rows`. A ConfigError when there are no rows, ``metric``
+    is not a cross-validated column, or no row has a value for it."""
     rows = list(rows)
     if not rows:
         raise ConfigError("the bench produced no rows")
-    if metric not in rows[0]:
-        raise ConfigError(f"{metric!r} is not a bench column ({', '.join(rows[0])})")
-    scored = [r for r in rows if r[metric] is not None]
-    if not scored:
-        raise ConfigError(f"no row has a value for {metric!r} (is there a test split?)")
-    return min(scored, key=lambda r: _rank_key(r, metric))
+    _check_rank_metric(metric)
+    if all(r.get(metric) is None for r in rows):
+        raise ConfigError(f"no configuration has a value for {metric!r} (every cell failed)")
+    return rank_rows(rows, metric)[0]
+
+
+def pick_line(rows: Sequence[dict]) -> str:
+    """One line on the pick (rank 1): what it is, its CV accuracy ± standard error, and how many
+    configurations it was tied with."""
+    pick = best_row(rows)
+    n_tied = sum(1 for r in rows if r.get("tied_with_best"))
+    ties = (f"; {n_tied} configurations tied within noise, this is the cheapest (fewer backbones, then "
+            "faster head, then simpler fusion)" if n_tied > 1 else "")
+    n_failed = sum(1 for r in rows if r.get("status") == "failed")
+    failed = f"; {n_failed} failed (see results.csv)" if n_failed else ""
+    return (f"{pick['backbones']} / {pick['head']} / {pick['fusion']}: cv accuracy {_mean_se(pick, 'accuracy')} "
+            f"(± standard error){ties}{failed}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,31 +852,51 @@ def best_row(rows: Sequence[dict], metric: str = "cv_accuracy_mean") -> dict:
 def _cell(v: Any, digits: int = 4) -> str:
     if v is None:
         return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
 
 
-def _init_cell(r: dict) -> str:
+def _mean_se(r: dict, name: str) -> str:
+    """"mean ± standard error" of a cross-validated metric ("-" for a failed cell)."""
+    mean, se = r.get(f"cv_{name}_mean"), r.get(f"cv_{name}_se")
+    if mean is None:
+        return "-"
+    return f"{mean:.4f} ± {se:.4f}" if se is not None else f"{mean:.4f}"
+
+
+def _note(r: dict) -> str:
+    """What a reader must not miss about a row: a failed cell's error, random-init backbones."""
+    if r.get("status") == "failed":
+        return f"FAILED: {r.get('error')}"
     rnd = r.get("random_init")
     return f"RANDOM INIT: {rnd}" if rnd else ""
 
 
+def _table_cells(r: dict, float_cell) -> list[str]:
+    return [str(r["rank"]), r["backbones"], r["head"], r["fusion"], _mean_se(r, "accuracy"),
+            float_cell(r.get("cv_accuracy_std")), _mean_se(r, "f1_macro"), "tied" if r.get("tied_with_best") else "",
+            float_cell(r.get("test_accuracy")), float_cell(r.get("fit_seconds"), 3), _note(r)]
+
+
+TABLE_HEADER = ["#", "backbones", "head", "fusion", "cv acc ± se", "cv acc sd", "cv f1 ± se", "tie", "test acc",
+                "fit s", "notes"]
+TIE_NOTE = ("± is the standard error of the CV mean, sd the spread over folds; \"tied\": within two standard "
+            "errors of the paired difference to the best over the same folds; rank 1 is the cheapest tied row "
+            "(fewer backbones, then faster head, then simpler fusion)")
+
+
 def format_table(rows: Sequence[dict], top: int = 20) -> str:
-    """Fixed-width ranked table of the first ``top`` rows (mean ± std over folds)."""
-    head = ["#", "backbones", "head", "fusion", "cv acc", "cv f1", "test acc", "fit s", "random init"]
-    body = []
-    for r in list(rows)[:top]:
-        body.append([str(r["rank"]), r["backbones"], r["head"], r["fusion"],
-                     f"{r['cv_accuracy_mean']:.4f} ± {r['cv_accuracy_std']:.4f}",
-                     f"{r['cv_f1_macro_mean']:.4f} ± {r['cv_f1_macro_std']:.4f}",
-                     _cell(r["test_accuracy"]) or "-", f"{r['fit_seconds']:.3f}", _init_cell(r)])
-    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head] + body]
+    """Fixed-width ranked table of the first ``top`` rows (mean ± standard error, spread, ties)."""
+    body = [_table_cells(r, lambda v, d=4: _cell(v, d) or "-") for r in list(rows)[:top]]
+    widths = [max(len(x[i]) for x in [TABLE_HEADER] + body) for i in range(len(TABLE_HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [TABLE_HEADER] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if len(rows) > top:
         lines.append(f"... {len(rows) - top} more rows in results.csv")
-    return "\n".join(lines)
+    return "\n".join(lines + [TIE_NOTE])
 
 
 def _markdown(result: BenchResult, cache: Cache) -> str:
@@ -646,17 +909,12 @@ def _markdown(result: BenchResult, cache: Cache) -> str:
              + (f"; test scores after a refit on all of them, on {result.n_test} test rows."
                 if result.n_test else "; no labelled test split."),
              f"{result.n_base_fits} base fits (shared by all subsets), {result.n_concat_fits} concat "
-             f"fits, {result.n_meta_fits} meta-learner fits, {result.seconds:.1f} s.", "",
-             "| rank | backbones | head | fusion | cv accuracy | cv macro-F1 | test accuracy | "
-             "test macro-F1 | fit s | random init |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
+             f"fits, {result.n_meta_fits} meta-learner fits, {result.seconds:.1f} s.", "", TIE_NOTE + ".", "",
+             "| " + " | ".join(TABLE_HEADER) + " |",
+             "|---:|---|---|---|---:|---:|---:|---|---:|---:|---|"]
     for r in result.rows:
-        lines.append(
-            f"| {r['rank']} | {r['backbones']} | {r['head']} | {r['fusion']} | "
-            f"{r['cv_accuracy_mean']:.4f} ± {r['cv_accuracy_std']:.4f} | "
-            f"{r['cv_f1_macro_mean']:.4f} ± {r['cv_f1_macro_std']:.4f} | "
-            f"{_cell(r['test_accuracy']) or '-'} | {_cell(r['test_f1_macro']) or '-'} | "
-            f"{r['fit_seconds']:.3f} | {_init_cell(r)} |")
+        cells = _table_cells(r, lambda v, d=4: _cell(v, d) or "-")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -678,7 +936,7 @@ def write_outputs(result: BenchResult, cache: Cache, out: str | os.PathLike,
         w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         w.writeheader()
         for r in result.rows:
-            w.writerow({k: _cell(r[k], 6) if isinstance(r[k], float) else _cell(r[k]) for k in CSV_COLUMNS})
+            w.writerow({k: _cell(r.get(k), 6) for k in CSV_COLUMNS})
     os.replace(tmp, out / "results.csv")
     (out / "results.md").write_text(_markdown(result, cache))
     doc = {
@@ -692,7 +950,7 @@ def write_outputs(result: BenchResult, cache: Cache, out: str | os.PathLike,
         "settings": result.settings,
         "n_train": result.n_train, "n_test": result.n_test, "n_excluded": result.n_excluded,
         "n_base_fits": result.n_base_fits, "n_concat_fits": result.n_concat_fits,
-        "n_meta_fits": result.n_meta_fits, "seconds": result.seconds,
+        "n_meta_fits": result.n_meta_fits, "seconds": result.seconds, "warnings": result.warnings,
         "rows": [{k: _json_safe(v) for k, v in r.items()} for r in result.rows],
         "folds": [{"backbones": b, "head": h, "fusion": f, **v} for (b, h, f), v in result.folds.items()],
     }

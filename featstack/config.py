@@ -55,6 +55,10 @@ AUGMENTS: dict = {
     "randaugment": {"hflip": 0.5, "auto_augment": "rand-m9-mstd0.5-inc1"},
 }
 TRAIN_MODELS = ("best", "named")
+#: the bench columns a model may be chosen by (train.metric; featstack.bench's ranking rule): means
+#: over the cross-validation folds only, never the test split (selecting on it makes its score
+#: optimistic) nor a cost such as fit_seconds
+RANK_METRICS = ("cv_accuracy_mean", "cv_f1_macro_mean")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,8 +548,8 @@ class TrainConfig:
     model: str = setting("best", "best: the top row of a bench (--bench DIR; in a pipeline: its bench stage) by "
                                  "--metric; named: the --backbones/--head/--fusion given (the default as soon as "
                                  "--backbones is; in YAML, train.head)", choices=TRAIN_MODELS, api=None)
-    metric: str = setting("cv_accuracy_mean", "bench column that ranks the models for --model best",
-                          api=None)
+    metric: str = setting("cv_accuracy_mean", "cross-validated bench column that ranks the models for --model best",
+                          choices=RANK_METRICS, api=None)
     bench: str | None = setting(None, "bench output folder (holding bench.json) whose best row --model best trains",
                                 metavar="DIR", api=None, yaml="wired:the pipeline's bench stage",
                                 default_text="none; in a pipeline: the bench stage's results")

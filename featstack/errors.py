@@ -21,6 +21,10 @@ class CacheError(FeatstackError):
     """A cache file that is missing, incomplete, corrupt or of another format."""
 
 
+class BenchError(FeatstackError):
+    """A bench in which every configuration failed (a failed cell alone is a row of results.csv)."""
+
+
 class CacheMismatchError(CacheError):
     """A cache whose fingerprint differs from what the caller expects (stale or other data)."""
 

@@ -25,7 +25,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -123,11 +123,42 @@ def stack_splitter(cv: int, random_state: int | None) -> StratifiedKFold:
 
 
 def out_of_fold(head: BaseEstimator, X: np.ndarray, y: np.ndarray, cv: int, random_state: int | None,
-                n_jobs: int | None = None) -> np.ndarray:
+                n_jobs: int | None = None, on_fit: Callable[[float], None] | None = None) -> np.ndarray:
     """Raw out-of-fold outputs (``stack_method``) of clones of ``head`` on ``cv`` seeded folds,
-    each the same kind of model as ``head`` fitted on all of X (:func:`pin_size_choices`)."""
-    return cross_val_predict(pin_size_choices(clone(head), len(X)), X, y, cv=stack_splitter(cv, random_state),
-                             method=stack_method(head), n_jobs=n_jobs)
+    each the same kind of model as ``head`` fitted on all of X (:func:`pin_size_choices`).
+
+    The one implementation for :class:`StackClassifier` and the bench (what
+    ``cross_val_predict`` computes, fold by fold): ``on_fit(seconds)`` hears of each fold's fit
+    and scoring, which is how the bench's progress bar moves during a long stack cell."""
+    proto = pin_size_choices(clone(head), len(X))
+    method = stack_method(head)
+    classes = np.unique(y)
+    folds = list(stack_splitter(cv, random_state).split(X, y))
+    parts = Parallel(n_jobs=n_jobs)(delayed(_fold_scores)(proto, method, X, y, tr, te, classes, on_fit)
+                                    for tr, te in folds)
+    oof = np.empty((len(y),) + parts[0].shape[1:], dtype=parts[0].dtype)
+    for (_, te), scores in zip(folds, parts):
+        oof[te] = scores
+    return oof
+
+
+def _fold_scores(proto, method: str, X, y, tr, te, classes, on_fit) -> np.ndarray:
+    import time
+
+    t0 = time.perf_counter()
+    est = clone(proto).fit(X[tr], y[tr])
+    scores = getattr(est, method)(X[te])
+    seen = getattr(est, "classes_", classes)
+    if len(seen) != len(classes):  # a class missing from this inner training fold
+        if method != "predict_proba":
+            raise ValueError(f"an inner stacking fold holds {len(seen)} of the {len(classes)} classes; "
+                             "decision scores cannot be aligned: use fewer folds (cv) or more rows per class")
+        full = np.zeros((len(te), len(classes)), dtype=scores.dtype)  # as cross_val_predict does
+        full[:, np.searchsorted(classes, seen)] = scores
+        scores = full
+    if on_fit is not None:
+        on_fit(time.perf_counter() - t0)
+    return scores
 
 
 def default_meta_learner(random_state: int | None = None) -> BaseEstimator:
@@ -304,7 +335,7 @@ class StackClassifier(TransformerMixin, _BlockClassifier):
     """Stacking across backbones: the same base head on every block, out-of-fold scores
     concatenated, then a meta-learner.
 
-    Out-of-fold predictions come from ``cross_val_predict`` with
+    Out-of-fold predictions come from :func:`out_of_fold` (what ``cross_val_predict`` computes) with
     ``StratifiedKFold(cv, shuffle=True, random_state=random_state)`` (``predict_proba`` if the
     head has it, else ``decision_function``; binary → one column per block); the base heads are
     then refit on all rows and used at prediction time. This reproduces scikit-learn's
@@ -395,6 +426,9 @@ class FusionSpec:
     type names a saved estimator of this fusion holds besides its heads (skops allowlist).
     ``converter``: a name in :data:`featstack.convert.FUSION_CONVERTERS`, a callable
     ``convert(estimator, dims, dtype, convert_head) -> HeadModule``, or None (export refuses).
+    ``cost``: how complex the fusion is, as a rank (0 single, 1 concat: one head, 2 vote: one head
+    per backbone, 3 stack: heads + inner folds + a meta-learner); the bench's tie rule prefers
+    the lower one among configurations tied within noise. Registered fusions default to 3.
     """
 
     name: str
@@ -406,6 +440,7 @@ class FusionSpec:
     allowed_types: tuple[str, ...] = ()
     converter: str | Callable | None = None
     description: str = ""
+    cost: int = 3
 
 
 FUSION_SPECS: dict[str, FusionSpec] = {}
@@ -420,6 +455,8 @@ def register_fusion(name: str | FusionSpec, build: Callable[..., BaseEstimator] 
         raise ValueError(f"fusion {spec.name!r} is already registered")
     if spec.min_backbones < 1 or (spec.max_backbones is not None and spec.max_backbones < spec.min_backbones):
         raise ValueError(f"fusion {spec.name!r}: backbone bounds {spec.min_backbones}..{spec.max_backbones}")
+    if isinstance(spec.cost, bool) or not isinstance(spec.cost, int) or spec.cost < 0:
+        raise ValueError(f"fusion {spec.name!r}: cost must be an integer rank >= 0, got {spec.cost!r}")
     FUSION_SPECS[spec.name] = replace(spec, allowed_types=tuple(spec.allowed_types))
     return FUSION_SPECS[spec.name]
 
@@ -551,14 +588,14 @@ def bench_stack(parts, y_train, n_classes, random_state):
 
 _META_TYPES = (type_name(LogisticRegression),)
 register_fusion("single", _plain_head, min_backbones=1, max_backbones=1, bench_combine=bench_single,
-                converter="head", description="one head on one backbone")
+                converter="head", description="one head on one backbone", cost=0)
 register_fusion("concat", _plain_head, min_backbones=2, converter="head",
-                description="one head on the backbones' features side by side (early fusion)")
+                description="one head on the backbones' features side by side (early fusion)", cost=1)
 register_fusion("vote", _vote, min_backbones=2, bench_combine=bench_vote,
                 allowed_types=(type_name(VoteClassifier),), converter="vote",
-                description="one head per backbone, class probabilities averaged (late fusion)")
+                description="one head per backbone, class probabilities averaged (late fusion)", cost=2)
 register_fusion("stack", _stack, min_backbones=2, bench_combine=bench_stack, needs_oof=True,
                 allowed_types=(type_name(StackClassifier),) + _META_TYPES, converter="stack",
-                description="one head per backbone, out-of-fold scores → a meta-learner")
+                description="one head per backbone, out-of-fold scores → a meta-learner", cost=3)
 
 FUSIONS = tuple(FUSION_SPECS)  # the built-in fusions (list_fusions() also has registered ones)

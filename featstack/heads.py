@@ -41,6 +41,10 @@ class HeadSpec:
     in :data:`featstack.convert.HEAD_CONVERTERS` (``"sklearn"``: scalers → a linear, kernel or
     naive Bayes classifier), a callable ``convert(fitted_estimator, torch_dtype) -> HeadModule``,
     or None (export refuses the head, naming it, before writing anything).
+    ``cost``: how expensive the head is to fit and run, as a rank (1 naive Bayes, 2 linear,
+    3 kernel); the bench's tie rule prefers the lower one among configurations tied within
+    noise. Plain data, not a measured time, so the pick is the same on every machine;
+    registered heads default to 3.
     """
 
     name: str
@@ -50,6 +54,7 @@ class HeadSpec:
     tune_grid: tuple = field(default_factory=tuple)
     allowed_types: tuple[str, ...] = ()
     converter: str | Callable | None = None
+    cost: int = 3
 
 
 HEADS: dict[str, HeadSpec] = {}
@@ -91,6 +96,8 @@ def register_head(name: str | HeadSpec, build: Callable[[int], BaseEstimator] | 
         raise ValueError(f"head {spec.name!r} is already registered")
     if not callable(spec.build):
         raise ValueError(f"head {spec.name!r}: build must be a callable build(seed) -> estimator")
+    if isinstance(spec.cost, bool) or not isinstance(spec.cost, int) or spec.cost < 0:
+        raise ValueError(f"head {spec.name!r}: cost must be an integer rank >= 0, got {spec.cost!r}")
     proto = spec.build(0)
     if not hasattr(proto, "fit") or not hasattr(proto, "predict"):
         raise ValueError(f"head {spec.name!r}: build(seed) returned {type(proto).__name__}, "
@@ -143,23 +150,23 @@ def _complement_nb(seed: int) -> Pipeline:
 _C_GRID = tuple(float(c) for c in np.logspace(-3, 2, 6))
 _NB_GRID = tuple(float(a) for a in np.logspace(-3, 1, 5))
 register_head("logreg", _logreg, description="multinomial logistic regression (L2)",
-              tune_param="clf__C", tune_grid=_C_GRID, converter="sklearn")
+              tune_param="clf__C", tune_grid=_C_GRID, converter="sklearn", cost=2)
 register_head("linear-svm", _linear_svm, description="linear SVM (squared hinge, one-vs-rest, L-BFGS; C relative to the row norms)",
-              tune_param="clf__C", tune_grid=_C_GRID, converter="sklearn")
+              tune_param="clf__C", tune_grid=_C_GRID, converter="sklearn", cost=2)
 _RBF_C_GRID = tuple(float(c) for c in np.logspace(-1, 3, 5))
 register_head("svm-rbf", _svm_rbf, description=f"SVM with RBF kernel (exact SVC below {RBF_EXACT_BELOW:,} "
               "training rows, Nystroem map + linear SVM from there)",
               tune_param="clf__C", tune_grid=_RBF_C_GRID, converter="sklearn",
-              allowed_types=tuple(type_name(t) for t in (SVC, LbfgsLinearSVC, Nystroem)))
+              allowed_types=tuple(type_name(t) for t in (SVC, LbfgsLinearSVC, Nystroem)), cost=3)
 register_head("gaussian-nb", _gaussian_nb, description="Gaussian naive Bayes",
               tune_param="clf__var_smoothing", tune_grid=tuple(float(v) for v in np.logspace(-11, -3, 5)),
-              converter="sklearn")
+              converter="sklearn", cost=1)
 register_head("multinomial-nb", _multinomial_nb, description="multinomial naive Bayes on min-max scaled features",
-              tune_param="clf__alpha", tune_grid=_NB_GRID, converter="sklearn")
+              tune_param="clf__alpha", tune_grid=_NB_GRID, converter="sklearn", cost=1)
 register_head("complement-nb", _complement_nb, description="complement naive Bayes on min-max scaled features",
-              tune_param="clf__alpha", tune_grid=_NB_GRID, converter="sklearn")
+              tune_param="clf__alpha", tune_grid=_NB_GRID, converter="sklearn", cost=1)
 register_head("svm-rbf-exact", _svm_rbf_exact, description="SVM with RBF kernel (exact SVC, one-vs-one, at any size)",
-              tune_param="clf__C", tune_grid=_RBF_C_GRID, converter="sklearn")
+              tune_param="clf__C", tune_grid=_RBF_C_GRID, converter="sklearn", cost=3)
 
 
 def list_heads() -> list[str]:

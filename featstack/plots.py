@@ -15,7 +15,9 @@ import numpy as np
 METRIC = "cv_accuracy_mean"
 #: what people call the bench columns (plots and the report use these, never the internal names)
 LABELS = {"cv_accuracy_mean": "CV accuracy", "cv_accuracy_std": "CV accuracy spread (std)",
+          "cv_accuracy_se": "CV accuracy standard error",
           "cv_f1_macro_mean": "CV macro-F1", "cv_f1_macro_std": "CV macro-F1 spread (std)",
+          "cv_f1_macro_se": "CV macro-F1 standard error", "tied_with_best": "tied with the best",
           "test_accuracy": "test accuracy", "test_f1_macro": "test macro-F1", "fit_seconds": "fit time (s)"}
 
 
@@ -187,7 +189,8 @@ def _config_name(r: dict) -> str:
 def ranking_errorbars(rows: Sequence[dict], path: str | os.PathLike, top: int = 15) -> Path:
     """CV accuracy of the ``top`` ranked configurations: the mean with two error bars, the
     standard error of the mean (dark, what "how sure are we of the mean" needs) and the spread
-    over folds (light, how much one fold varies); tied configurations (``tied``) in orange."""
+    over folds (light, how much one fold varies); configurations tied with the best
+    (``tied_with_best``) in orange."""
     rows = list(rows)[:top]
     n = len(rows)
     fig = _figure(9.5, max(2.2, 0.32 * n + 1.0))
@@ -196,7 +199,7 @@ def ranking_errorbars(rows: Sequence[dict], path: str | os.PathLike, top: int = 
     mean = np.array([_value(r, "cv_accuracy_mean") for r in rows])
     std = np.array([_value(r, "cv_accuracy_std") for r in rows])
     se = np.array([_value(r, "cv_accuracy_se") if r.get("cv_accuracy_se") is not None else np.nan for r in rows])
-    colors = ["tab:orange" if r.get("tied") else "tab:blue" for r in rows]
+    colors = ["tab:orange" if r.get("tied_with_best") else "tab:blue" for r in rows]
     ax.errorbar(mean, y, xerr=std, fmt="none", ecolor="0.8", elinewidth=6, capsize=0, zorder=1)
     if np.isfinite(se).any():
         ax.errorbar(mean, y, xerr=np.nan_to_num(se), fmt="none", ecolor="0.25", elinewidth=1.5, capsize=3, zorder=2)
@@ -204,7 +207,7 @@ def ranking_errorbars(rows: Sequence[dict], path: str | os.PathLike, top: int = 
     ax.set_yticks(y, [_config_name(r) for r in rows], fontsize=7)
     ax.set_xlabel("CV accuracy (dark bar: ± standard error of the mean; light bar: ± spread over folds)")
     ax.set_title("top configurations" + (" (orange: tied with the best within noise)"
-                                         if any(r.get("tied") for r in rows) else ""), fontsize=9)
+                                         if any(r.get("tied_with_best") for r in rows) else ""), fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 

@@ -91,26 +91,27 @@ def _open_cache(path):
         return None
 
 
-def fold_se(scores) -> float | None:
-    """Standard error of a CV mean from its per-fold scores (sample std / sqrt(k))."""
-    a = np.asarray(scores, dtype=float)
-    if len(a) < 2:
-        return None
-    return float(np.std(a, ddof=1) / np.sqrt(len(a)))
-
-
 def bench_rows(bench: dict) -> list[dict]:
-    """The ranked bench rows with ``cv_accuracy_se`` from the per-fold scores (when the bench
-    did not already give it)."""
+    """The bench rows in the bench's rank order (featstack.bench.rank_rows: standard errors,
+    ties and the pick are the bench's columns). A bench.json written before the tie rule gets
+    them here, from its per-fold scores, by the same functions."""
+    rows = [dict(r) for r in bench.get("rows", [])]
+    if not rows or "tied_with_best" in rows[0]:
+        return rows
+    from .bench import rank_rows, standard_error
+
     folds = {(f["backbones"], f["head"], f["fusion"]): f for f in bench.get("folds", [])}
-    rows = []
-    for r in bench.get("rows", []):
-        r = dict(r)
-        f = folds.get((r["backbones"], r["head"], r["fusion"]))
-        if r.get("cv_accuracy_se") is None and f:
-            r["cv_accuracy_se"] = fold_se(f["accuracy"])
-        rows.append(r)
-    return rows
+    for r in rows:
+        f = folds.get((r["backbones"], r["head"], r["fusion"]), {})
+        for name in ("accuracy", "f1_macro"):
+            if name in f:
+                r[f"cv_{name}_folds"], r[f"cv_{name}_se"] = f[name], standard_error(f[name])
+    return rank_rows(rows)
+
+
+def scored_rows(rows: list[dict]) -> list[dict]:
+    """The rows with a CV score (a failed cell is listed in the ranking table only)."""
+    return [r for r in rows if r.get("cv_accuracy_mean") is not None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,9 +205,14 @@ def _ranking_section(rows: list[dict], bench: dict, out: Path) -> Section:
                 if bench.get("n_test") else ", no labelled test split.")
              + " ± is the standard error of the CV mean (how precisely the mean is known); the spread is the "
                "standard deviation over folds (how much one fold varies).")
-    if any("tied" in r for r in rows):
-        intro += (" Rows marked tied are within noise of the best (paired over the same folds); the pick is the "
-                  "cheapest of them (see the README's tie rule).")
+    ties = any("tied_with_best" in r for r in rows)
+    if ties:
+        intro += (" Rows marked tied are within noise of the best (within two standard errors of the paired "
+                  "difference over the same folds); the pick, rank 1, is the cheapest of them (see the README's "
+                  "tie rule).")
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if failed:
+        intro += f" {len(failed)} configuration{'s' if len(failed) > 1 else ''} failed to fit (listed last)."
     table_rows, marked = [], set()
     for i, r in enumerate(rows[:MAX_TABLE_ROWS]):
         se = r.get("cv_accuracy_se")
@@ -214,16 +220,18 @@ def _ranking_section(rows: list[dict], bench: dict, out: Path) -> Section:
                            f"{_fmt(r['cv_accuracy_mean'])} ± {_fmt(se)}" if se is not None else _fmt(r["cv_accuracy_mean"]),
                            _fmt(r.get("cv_accuracy_std")), _fmt(r.get("cv_f1_macro_mean")),
                            _fmt(r.get("test_accuracy")), _fmt(r.get("fit_seconds"), 3)]
-                          + (["tied" if r.get("tied") else ""] if any("tied" in x for x in rows) else []))
-        if r.get("tied"):
+                          + (["tied" if r.get("tied_with_best") else ""] if ties else [])
+                          + (["failed: " + str(r.get("error")) if r.get("status") == "failed" else ""]
+                             if failed else []))
+        if r.get("tied_with_best"):
             marked.add(i)
     header = ["#", "Backbones", "Head", "Fusion", "CV accuracy", "Spread (std)", "CV macro-F1", "Test accuracy",
-              "Fit time (s)"] + (["Tied with best"] if any("tied" in x for x in rows) else [])
+              "Fit time (s)"] + (["Tied with best"] if ties else []) + (["Error"] if failed else [])
     blocks: list = [intro, Table(header, table_rows, numeric={0, 4, 5, 6, 7, 8}, marked=marked)]
     if len(rows) > MAX_TABLE_ROWS:
         blocks.append(f"{len(rows) - MAX_TABLE_ROWS} more rows in results.csv.")
     blocks.append(Figure("CV accuracy of the top configurations with error bars",
-                         plots.ranking_errorbars(rows, out / "ranking.png")))
+                         plots.ranking_errorbars(scored_rows(rows), out / "ranking.png")))
     for caption, name in (("Best CV accuracy by backbone combination and head", "heatmap.png"),
                           ("Best CV accuracy per number of backbones combined", "best_by_size.png")):
         if (out / name).exists():
@@ -421,9 +429,10 @@ def _summary(rows: list[dict], best: dict | None, ctx: dict) -> str:
             f"{_fmt(best['cv_accuracy_mean'])}" + (f" ± {_fmt(se)} (standard error)" if se is not None else "")
             + (f", test accuracy {_fmt(best['test_accuracy'])}" if best.get("test_accuracy") is not None else "")
             + ".")
-    tied = [r for r in rows if r.get("tied")]
+    tied = [r for r in rows if r.get("tied_with_best")]
     if len(tied) > 1:
-        text += f" {len(tied)} configurations are tied with it within noise."
+        text += (f" {len(tied)} configurations are tied within noise; this is the cheapest of them"
+                 " (fewer backbones, then faster head, then simpler fusion).")
     if ctx.get("model"):
         text += f" Saved model: {ctx['model']}."
     if ctx.get("network"):
@@ -432,11 +441,9 @@ def _summary(rows: list[dict], best: dict | None, ctx: dict) -> str:
 
 
 def pick_best(rows: list[dict]) -> dict | None:
-    """The picked configuration: the one the bench marks ``picked``, else the first ranked."""
-    for r in rows:
-        if r.get("picked"):
-            return r
-    return rows[0] if rows else None
+    """The picked configuration: rank 1 of the bench's ranking (featstack.bench.rank_rows)."""
+    scored = scored_rows(rows)
+    return scored[0] if scored else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +575,8 @@ def build_report(folder, *, context: dict | None = None, cache=None) -> Path:
         ctx["cache"] = str(cache.path)
     (out / REPORT_JSON).write_text(json.dumps(ctx, indent=1, default=str) + "\n")
 
-    rows = bench_rows(bench)
+    listed = bench_rows(bench)
+    rows = scored_rows(listed)
     best = pick_best(rows)
     if best is not None:
         best = dict(best, cv=bench.get("settings", {}).get("cv"))
@@ -580,7 +588,7 @@ def build_report(folder, *, context: dict | None = None, cache=None) -> Path:
         if table is not None:
             sections.append(Section("Pretrained vs random init", [table]))
     if rows:
-        sections += [_ranking_section(rows, bench, out), _cost_section(rows, cache, out)]
+        sections += [_ranking_section(listed, bench, out), _cost_section(rows, cache, out)]
     if cache is not None:
         for make in (lambda: _embedding_section(cache, out), lambda: _model_section(cache, ctx, best, out)):
             sec = make()

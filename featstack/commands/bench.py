@@ -24,7 +24,7 @@ def default_out(cache: str) -> Path:
 
 
 def run(args) -> int:
-    from ..bench import run_bench
+    from ..bench import pick_line, run_bench
     from ..bounds import check_output_dir, check_seed
     from ..cache import open_cache
 
@@ -38,12 +38,13 @@ def run(args) -> int:
     print(f"bench        {len(res.rows)} models on {res.n_train} training rows{excluded}; {test}")
     print(f"fits         {res.n_base_fits} base (shared by all combinations), {res.n_concat_fits} concat, "
           f"{res.n_meta_fits} meta-learner; {res.seconds:.1f} s")
+    if res.warnings:
+        print(f"warnings     {len(res.warnings)} distinct from the fits, listed in bench.json; the first: "
+              f"{res.warnings[0]}")
     print()
     print(res.table(top=cfg.top))
     print()
-    best = res.best()
-    print(f"best         {best['backbones']} / {best['head']} / {best['fusion']}: cv accuracy "
-          f"{best['cv_accuracy_mean']:.4f} ± {best['cv_accuracy_std']:.4f}")
+    print(f"best         {pick_line(res.rows)}")
     print(f"written      {out}/results.csv, results.md, bench.json, heatmap.png, best_by_size.png")
     if cfg.report:
         from ..report import build_report

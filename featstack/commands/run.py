@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 
@@ -31,7 +30,7 @@ def run(args) -> int:
     res = run_pipeline(args.pipeline)
     bench = load_pipeline(args.pipeline).stages["bench"]
     top = args.top if args.top is not None else (bench.top if bench is not None else 0)
-    _print_top(Path(res.out) / "results.csv", top)
+    _print_top(Path(res.out) / "bench.json", top)
     print("stages   " + ", ".join(f"{k} {v}" for k, v in res.stages.items()))
     print(f"cache    {res.cache}")
     if res.best:
@@ -45,18 +44,15 @@ def run(args) -> int:
     return 0
 
 
-def _print_top(results: Path, n: int) -> None:
-    """The first rows of the ranked bench table, so the answer is on screen without the report."""
-    if n <= 0 or not results.is_file():
+def _print_top(doc: Path, n: int) -> None:
+    """The first rows of the ranked bench table (as `featstack bench` prints it, from bench.json),
+    so the answer is on screen without the report."""
+    if n <= 0 or not doc.is_file():
         return
-    with open(results, newline="") as fh:
-        rows = list(csv.DictReader(fh))[:n]
-    if not rows:
-        return
-    print(f"{'rank':>4}  {'backbones':<32} {'head':<14} {'fusion':<7} {'cv acc':>14} {'test acc':>8}  random init")
-    for r in rows:
-        cv = f"{float(r['cv_accuracy_mean']):.4f}±{float(r['cv_accuracy_std']):.4f}"
-        test = f"{float(r['test_accuracy']):.4f}" if r.get("test_accuracy") not in (None, "", "nan") else "-"
-        init = f"RANDOM INIT: {r['random_init']}" if r.get("random_init") else ""
-        print(f"{r.get('rank', ''):>4}  {r['backbones']:<32} {r['head']:<14} {r['fusion']:<7} {cv:>14} {test:>8}  "
-              f"{init}".rstrip())
+    import json
+
+    from ..bench import format_table
+
+    rows = json.loads(doc.read_text()).get("rows") or []
+    if rows:
+        print(format_table(rows, top=n))
