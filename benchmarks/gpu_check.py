@@ -19,13 +19,14 @@ watchdog writes what exists and exits if it is exceeded):
   preprocess   featstack's fast path (decode once, batched device preprocessing) vs timm's
                reference ``create_transform``: per-image cosine of the embeddings, raw and
                mean-centred (both matrices centred on the reference mean), fp32;
-  precision    bf16 autocast vs fp32 embeddings (cosine, raw and centred);
+  precision    bf16 and fp16 (on a GPU) autocast vs fp32 embeddings (cosine, raw and centred);
   nvjpeg       ``torchvision.io.decode_jpeg(device='cuda')`` vs Pillow: pixel differences, and
                the embeddings of ``--decode gpu`` vs ``--decode cpu`` extraction;
   throughput   resnet50, convnext_tiny, vit_base_patch16_224 (random init) at batch 256:
                (a) naive loop: per backbone a DataLoader with timm's ``create_transform``, fp32,
                (b) ``featstack extract`` on the same files, (c) the forward-only ceiling on
-               device-resident batches (bf16 autocast, channels_last, the module featstack runs);
+               device-resident batches (featstack's precision: fp16 autocast on a GPU, channels_last,
+               the module featstack runs);
                for K backbones the ceiling is 1 / sum_k(1 / images_per_second_k). Ratios
                featstack/naive and featstack/ceiling.
 
@@ -339,15 +340,19 @@ def sec_precision(rep: Report, root: Path, work: Path) -> dict:
     if rep.smoke:  # bf16 on a CPU is slow: the tiny random models only
         keys, files = [], {}
     keys = keys + [k for k in rep.s.throughput_models if k not in keys]
+    import torch
+
     feats = {}
-    for prec in ("fp32", "bf16"):
+    low = ("bf16", "fp16") if torch.cuda.is_available() else ("bf16",)  # fp16 autocast needs CUDA
+    for prec in ("fp32",) + low:
         _, feats[prec] = run_extract(rep, root, keys, work / f"prec-{prec}.h5", weights_files=files,
                                      precision=prec, decode="cpu", dtype="float32")
     out = {"models": {}}
-    for k in keys:
-        out["models"][k] = dict(compare(feats["bf16"][k], feats["fp32"][k]),
-                                weights="real" if k in files else "random")
-        rep.say(f"  {k}: bf16 vs fp32 {_fmt_cmp(out['models'][k])}")
+    for prec in low:
+        table = out["models"] if prec == "bf16" else out.setdefault("fp16_models", {})
+        for k in keys:
+            table[k] = dict(compare(feats[prec][k], feats["fp32"][k]), weights="real" if k in files else "random")
+            rep.say(f"  {k}: {prec} vs fp32 {_fmt_cmp(table[k])}")
     return out
 
 
@@ -457,7 +462,7 @@ def featstack_extract(rep: Report, root: Path, work: Path) -> dict:
 
 def ceiling(rep: Report) -> dict:
     """Pure forward throughput of the module featstack runs (BN folded, channels_last) on
-    device-resident batches, bf16 autocast on a GPU (featstack's default precision)."""
+    device-resident batches, at featstack's default precision (fp16 autocast on a GPU)."""
     import torch
 
     from featstack.backbones import load_backbone, resolve_backbone
@@ -553,6 +558,8 @@ def markdown(d: dict) -> str:
     prec = secs.get("precision", {})
     if prec.get("models"):
         lines += _cmp_rows("bf16 autocast vs fp32 embeddings", prec["models"])
+    if prec.get("fp16_models"):
+        lines += _cmp_rows("fp16 autocast (featstack's GPU default) vs fp32 embeddings", prec["fp16_models"])
     nv = secs.get("nvjpeg", {})
     if nv.get("pixels"):
         p, r = nv["pixels"], nv["decode_images_per_second"]
