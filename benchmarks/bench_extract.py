@@ -222,12 +222,49 @@ def phase_featstack(a) -> dict:
             "forward_images_per_second": res.images_per_second}
 
 
-def phase_ceiling(a) -> dict:
+def ceiling_model(key: str, dev, input_size, batch_size: int):
+    """(the module featstack runs for ``key`` — BN folded, channels_last — and a device-resident
+    random batch at its input size): what the forward-only ceiling times."""
     import torch
 
     from featstack.backbones import load_backbone, resolve_backbone
-    from featstack.extract import (autocast_context, inference_model, resolve_device, resolve_parallelism,
-                                   resolve_precision)
+    from featstack.extract import inference_model
+
+    lb = load_backbone(resolve_backbone(key, weights="none", input_size=input_size), dev)
+    model = inference_model(lb, channels_last=True)
+    x = torch.randn((batch_size, *lb.data_config["input_size"]), device=dev).contiguous(
+        memory_format=torch.channels_last)
+    return model, x
+
+
+def forward_images_per_second(model, x, dev, prec: str, *, warmup: int, min_batches: int,
+                              min_seconds: float, max_images: int | None = None) -> float:
+    """Images/s of ``model`` on the batch ``x`` under featstack's autocast: ``warmup`` calls, then
+    at least ``min_batches`` batches and more while under ``min_seconds`` (and ``max_images``)."""
+    import torch
+
+    from featstack.extract import autocast_context
+
+    n = int(x.shape[0])
+    with torch.inference_mode(), autocast_context(dev, prec):
+        for _ in range(warmup):
+            model(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0, done = time.perf_counter(), 0
+        while done < min_batches * n or (time.perf_counter() - t0 < min_seconds
+                                         and (max_images is None or done < max_images)):
+            model(x)
+            done += n
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return done / (time.perf_counter() - t0)
+
+
+def phase_ceiling(a) -> dict:
+    import torch
+
+    from featstack.extract import resolve_device, resolve_parallelism, resolve_precision
 
     dev = resolve_device(a.device)
     prec = resolve_precision("auto", dev)
@@ -237,25 +274,12 @@ def phase_ceiling(a) -> dict:
     n_images = sum(1 for _ in Path(a.root).rglob("*.jpg"))
     per_model = {}
     for key in a.backbones.split(","):
-        lb = load_backbone(resolve_backbone(key, weights="none", input_size=a.input_size), dev)
-        model = inference_model(lb, channels_last=True)  # what featstack runs: BN folded, channels_last
-        size = tuple(lb.data_config["input_size"])
-        x = torch.randn((a.batch_size, *size), device=dev).contiguous(memory_format=torch.channels_last)
+        model, x = ceiling_model(key, dev, a.input_size, a.batch_size)
         best = {}
         for t in thread_options:
             torch.set_num_threads(t)
-            with torch.inference_mode(), autocast_context(dev, prec):
-                for _ in range(2):
-                    model(x)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0, done = time.perf_counter(), 0
-                while done < 3 * a.batch_size or (time.perf_counter() - t0 < 5.0 and done < n_images):
-                    model(x)
-                    done += a.batch_size
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                best[t] = done / (time.perf_counter() - t0)
+            best[t] = forward_images_per_second(model, x, dev, prec, warmup=2, min_batches=3, min_seconds=5.0,
+                                                max_images=n_images)
         t_best = max(best, key=best.get)
         per_model[key] = {"images_per_second": best[t_best], "threads": t_best, "by_threads": best}
     ceiling = 1.0 / sum(1.0 / m["images_per_second"] for m in per_model.values())

@@ -409,7 +409,8 @@ def sec_nvjpeg(rep: Report, root: Path, work: Path) -> dict:
     return out
 
 
-from bench_extract import _Files, _timm_model  # noqa: E402  (one naive loop for both benchmarks)
+from bench_extract import (_Files, _timm_model, ceiling_model,  # noqa: E402  (one naive loop and one
+                           forward_images_per_second)  # ceiling for both benchmarks)
 
 
 def naive_loop(rep: Report, root: Path, cap_seconds: float) -> dict:
@@ -463,33 +464,17 @@ def featstack_extract(rep: Report, root: Path, work: Path) -> dict:
 def ceiling(rep: Report) -> dict:
     """Pure forward throughput of the module featstack runs (BN folded, channels_last) on
     device-resident batches, at featstack's default precision (fp16 autocast on a GPU)."""
-    import torch
-
-    from featstack.backbones import load_backbone, resolve_backbone
-    from featstack.extract import autocast_context, inference_model, resolve_device, resolve_precision
+    from featstack.extract import resolve_device, resolve_precision
 
     dev = resolve_device(rep.s.device)
     prec = resolve_precision("auto", dev)
     per_model = {}
     for key in rep.s.throughput_models:
-        lb = load_backbone(resolve_backbone(key, weights="none", input_size=rep.s.input_size), dev)
-        model = inference_model(lb, channels_last=True)
-        x = torch.randn((rep.s.batch_size, *lb.data_config["input_size"]), device=dev).contiguous(
-            memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast_context(dev, prec):
-            for _ in range(3):
-                model(x)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0, done = time.perf_counter(), 0
-            while done < 5 * rep.s.batch_size or time.perf_counter() - t0 < rep.s.min_seconds:
-                model(x)
-                done += rep.s.batch_size
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-        per_model[key] = {"images_per_second": done / (time.perf_counter() - t0)}
+        model, x = ceiling_model(key, dev, rep.s.input_size, rep.s.batch_size)
+        per_model[key] = {"images_per_second": forward_images_per_second(
+            model, x, dev, prec, warmup=3, min_batches=5, min_seconds=rep.s.min_seconds)}
         rep.say(f"  ceiling {key}: {per_model[key]['images_per_second']:.1f} images/s")
-        del model, lb, x
+        del model, x
         _free_device_memory()
     total = 1.0 / sum(1.0 / m["images_per_second"] for m in per_model.values())
     return {"images_per_second": total, "per_model": per_model, "precision": prec}
