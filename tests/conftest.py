@@ -55,6 +55,20 @@ def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "photos")
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One intra-op torch thread for a module of tiny-batch network tests: as fast, and it does not
+    stall at OpenMP barriers when other processes share the cores (measured: the short fine-tune
+    took 1 s with one thread, 3-45 s with two on a loaded 2-core machine). Torch is imported only
+    by the modules that use it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def wait_until(cond, *, what: str, timeout: float = 180.0, proc: subprocess.Popen | None = None,
                poll: float = 0.02) -> None:
     """Wait for ``cond()`` to become true: no fixed sleep that guesses how long work takes.

@@ -22,15 +22,7 @@ from featstack.finetune import (apply_freeze, backbone_groups, evaluate, finetun
 BACKBONES = ["test_resnet-64", "test_vit-64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These are tiny batches of 64-px images: one intra-op thread is as fast, and it does not
-    stall at OpenMP barriers when other processes share the cores (measured: the short
-    fine-tune took 1 s with one thread, 3-45 s with two on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")

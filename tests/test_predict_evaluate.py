@@ -18,12 +18,7 @@ from featstack.data import synthetic_photo
 BACKBONE = "test_resnet-64"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny batches: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")
