@@ -348,14 +348,9 @@ def _plan_subsets(keys: list[str], fusions: list[str], max_size: int) -> list[tu
     specs = [fusion_spec(f) for f in fusions]
     subsets = []
     for size in range(1, min(max_size, len(keys)) + 1):
-        if any(_takes(spec, size) for spec in specs):
+        if any(spec.takes(size) for spec in specs):
             subsets.extend(itertools.combinations(keys, size))
     return subsets
-
-
-def _takes(spec, size: int) -> bool:
-    """Whether the bench evaluates a fusion on subsets of ``size`` backbones."""
-    return spec.min_backbones <= size and (spec.max_backbones is None or size <= spec.max_backbones)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,7 +507,7 @@ def run_bench(cache: Cache | str | os.PathLike, *, heads: str | Sequence[str],
             raise CacheError(f"{cache.path}: backbone {k!r} is not in this cache "
                              f"(it has: {', '.join(cache.all_backbones) or 'none'})")
     subsets = _plan_subsets(keys, fusion_list, max_size)
-    combos = [(s, f) for s in subsets for f in fusion_list if _takes(fusion_spec(f), len(s))]
+    combos = [(s, f) for s in subsets for f in fusion_list if fusion_spec(f).takes(len(s))]
     if not combos:
         raise ConfigError(
             f"nothing to evaluate: fusions {', '.join(fusion_list)} with {len(keys)} backbone(s) and "

@@ -442,6 +442,11 @@ class FusionSpec:
     description: str = ""
     cost: int = 3
 
+    def takes(self, n: int) -> bool:
+        """Whether the fusion combines ``n`` backbones: the one rule the bench plans subsets with
+        and training checks against."""
+        return self.min_backbones <= n and (self.max_backbones is None or n <= self.max_backbones)
+
 
 FUSION_SPECS: dict[str, FusionSpec] = {}
 
@@ -487,8 +492,7 @@ def check_backbone_count(fusion: str, n: int, keys: Sequence[str] = ()) -> None:
     spec = fusion_spec(fusion)
     if n < spec.min_backbones:
         named = f" ({', '.join(keys)})" if keys else ""
-        fits = ", ".join(f for f, s in FUSION_SPECS.items() if s.min_backbones <= n and
-                         (s.max_backbones is None or n <= s.max_backbones))
+        fits = ", ".join(f for f, s in FUSION_SPECS.items() if s.takes(n))
         raise ConfigError(f"fusion {fusion!r} needs {backbone_sizes(spec)}, got {n}{named}"
                           f"{'; use ' + fits if fits else ''}")
     if spec.max_backbones is not None and n > spec.max_backbones:
