@@ -17,10 +17,13 @@ So ``stack``'s fold scores equal ``cross_validate(StackClassifier(head, dims, cv
 X, y, cv=StratifiedKFold(cv, shuffle=True, random_state))`` exactly, while the number of base fits
 is ``K × heads × cv × (cv + 1)`` (plus ``cv + 1`` per (backbone, head) for the test-split refit),
 whatever the number of subsets. ``concat`` cannot be shared (one head over all columns), so it
-costs one fit per (subset, head, fold). The meta-learners are small (|S| × n_classes columns).
+costs one fit per (subset, head, fold). The meta-learners are small (|S| × n_classes columns),
+but there is one per (subset, head, fold): all of one (head, fold)'s are fitted in one task, side
+by side (:func:`featstack.fusion.bench_stack_many`, :mod:`featstack.logistic`), which on small
+grids took the meta-learners from 60% to 20% of the base fits' time.
 
 All work goes through joblib at the outermost level (tasks = (backbone, head, fold), then
-(subset, head)); ``backend="dask"`` runs the same tasks on a dask.distributed cluster through
+(fusion, head, fold) over all subsets); ``backend="dask"`` runs the same tasks on a dask.distributed cluster through
 joblib's dask backend. This module (like the whole CPU side) never imports torch.
 """
 from __future__ import annotations
@@ -48,11 +51,12 @@ from sklearn.base import clone
 from . import __version__
 from .bench_progress import BenchProgress
 from .cache import Cache, open_cache, select_rows
-from .config import RANK_METRICS
+from .config import RANK_METRICS, STACK_FOLDS
 from .errors import BenchError, CacheError, CacheMismatchError, ConfigError, DataError
-from .fusion import (FUSION_SPECS, FusionSpec, bench_sizes_hint, fusion_spec, list_fusions, out_of_fold, stack_method,
+from .fusion import (FUSION_SPECS, FusionSpec, aligned_scores, bench_sizes_hint, fusion_spec, list_fusions, out_of_fold,
+                     stack_method,
                      stack_splitter)
-from .heads import HEADS, HeadSpec, create_head, head_spec, labels_from_decision
+from .heads import HEADS, HeadSpec, create_head, head_spec, labels_from_decision, size_pins
 from .models import check_finite_features, check_training_classes, inner_folds, require_training_rows
 from .orphans import exit_with_parent, mark_parent
 
@@ -260,6 +264,93 @@ def _base(X, y, train_idx, test_idx, proto, cv, random_state, need_oof, beat):
             "oof_s": oof_s, "n_fits": 1 + (cv if need_oof else 0)}
 
 
+def _model_task(tag, src, y, train_idx, score_on, proto, classes, beat):
+    """One shared fit (``stack_folds="shared"``): the head on ``train_idx``, scored (stack
+    method, one column per class) on each named row set of ``score_on``; an outer model (no
+    pinned size choices, at most one fold left out) also predicts their labels."""
+    X = _resolve(src)
+    beat.start()
+    with _one_thread():
+        return tag, _attempt(f"{tag[2]} on {tag[1]}, {_model_name(tag[3])}", _model, X, y, train_idx, score_on,
+                             proto, tag[4], classes, beat)
+
+
+def _model(X, y, train_idx, score_on, proto, pins, classes, beat):
+    method = stack_method(proto)
+    est = clone(proto).set_params(**dict(pins)) if pins else clone(proto)
+    t0 = time.perf_counter()
+    est.fit(X[train_idx], y[train_idx])
+    fit_s = time.perf_counter() - t0
+    scores, preds = {}, {}
+    for name, idx in score_on.items():
+        scores[name] = aligned_scores(est, method, X[idx], classes)
+        if not pins:
+            pred = labels_from_decision(est, scores[name]) if method == "decision_function" else None
+            preds[name] = est.predict(X[idx]) if pred is None else pred
+    beat.fit(time.perf_counter() - t0)
+    return {"method": method, "scores": scores, "preds": preds, "fit_s": fit_s, "n_fits": 1}
+
+
+def _model_name(left_out: tuple) -> str:
+    if not left_out:
+        return "the refit on all training rows"
+    return "without outer fold" + ("s " if len(left_out) > 1 else " ") + " and ".join(str(f + 1) for f in left_out)
+
+
+def _shared_models(folds: dict, proto, n_train: int) -> dict:
+    """The fits of one (backbone, head) under ``stack_folds="shared"``, keyed by (outer folds
+    left out, pinned size choices) → {row-set name: rows to score}.
+
+    Outer fold f's model leaves out f (as in nested mode); its inner out-of-fold scores on
+    outer fold j come from the model leaving out f and j, fitted once for both f and j (when
+    the size choices pinned for f's and j's training sizes agree: always, but near svm-rbf's
+    switch). The test-split refit's inner models leave out one outer fold each: the outer
+    models themselves when the head makes no size choice."""
+    outer = {f: te for f, (_, te) in folds.items() if f != REFIT}
+    need: dict = {}
+    for f, (tr, te) in folds.items():
+        if f == REFIT:
+            need.setdefault(((), ()), {})[REFIT] = te
+            pins = tuple(sorted(size_pins(proto, n_train).items()))
+            for j, te_j in outer.items():
+                need.setdefault(((j,), pins), {})[j] = te_j
+            continue
+        need.setdefault(((f,), ()), {})[f] = te
+        pins = tuple(sorted(size_pins(proto, len(tr)).items()))
+        for j, te_j in outer.items():
+            if j != f:
+                need.setdefault((tuple(sorted((f, j))), pins), {})[j] = te_j
+    return need
+
+
+def _shared_base(done: dict, k: str, h: str, folds: dict, proto, n_train: int) -> dict:
+    """``_base``'s result for every fold of (k, h), assembled from the shared fits."""
+    out = {}
+    outer = {f: te for f, (_, te) in folds.items() if f != REFIT}
+    for f, (tr, te) in folds.items():
+        if f == REFIT:
+            model = done[("model", k, h, (), ())]
+            pins = tuple(sorted(size_pins(proto, n_train).items()))
+            inner = {j: done[("model", k, h, (j,), pins)] for j in outer}
+        else:
+            model = done[("model", k, h, (f,), ())]
+            pins = tuple(sorted(size_pins(proto, len(tr)).items()))
+            inner = {j: done[("model", k, h, tuple(sorted((f, j))), pins)] for j in outer if j != f}
+        err = _first_error([model, *inner.values()])
+        if err:
+            out[f] = {"error": err}
+            continue
+        first = next(iter(inner.values()))["scores"]
+        width = next(iter(first.values())).shape[1:]
+        oof = np.empty((len(tr),) + width, dtype=np.result_type(*(m["scores"][j] for j, m in inner.items())))
+        for j, m in inner.items():
+            oof[np.searchsorted(tr, outer[j])] = m["scores"][j]
+        out[f] = {"method": model["method"], "raw": model["scores"][f] if len(te) else None,
+                  "pred": model["preds"][f], "oof": oof, "fit_s": model["fit_s"],
+                  "oof_s": sum(m["fit_s"] for m in inner.values()), "n_fits": 0}
+    return out
+
+
 def _fit_task(tag, srcs, y, train_idx, test_idx, proto, beat):
     """One (subset, head, fold) of a fusion the bench cannot assemble from shared per-backbone
     fits (``concat``, or a fusion registered without ``bench_combine``): its own estimator on
@@ -280,19 +371,40 @@ def _fit(X, y, train_idx, test_idx, proto, beat):
     return {"pred": pred, "fit_s": fit_s}
 
 
-def _meta_task(tag, combine, folds, n_classes, random_state, beat):
-    """One (fusion, subset, head): per fold, the fusion's ``bench_combine`` over the shared
-    per-backbone outputs (a stack fits its meta-learner here)."""
-    out = {}
+def _combine_task(tag, combine, combine_many, cells, ytr, n_classes, random_state, beat):
+    """One (fusion, head, fold): the fusion's ``bench_combine`` over the shared per-backbone
+    outputs of every subset in ``cells`` ({subset: parts}); a stack fits its meta-learners here,
+    all of the fold's side by side (``bench_combine_many``). The value: per subset its result or
+    failure, and the group's fit seconds."""
+    _, fu, h, f = tag
+    names = {s: f"{fu} of {'+'.join(s)} with {h}, {_fold_name(f)}" for s in cells}
     beat.start()
     with _one_thread():
-        for k, (parts, ytr) in folds.items():
-            got = _attempt(f"{tag[1]} of {'+'.join(tag[2])} with {tag[3]}, {_fold_name(k)}", _combine,
-                           combine, parts, ytr, n_classes, random_state, beat)
-            if "error" in got:
-                return tag, got
-            out[k] = got
-    return tag, out
+        if combine_many is None:
+            got = {s: _attempt(names[s], _combine, combine, parts, ytr, n_classes, random_state, beat)
+                   for s, parts in cells.items()}
+        else:
+            group = _attempt(f"{fu} with {h}, {_fold_name(f)}", _combine_many, combine_many, cells, ytr,
+                             n_classes, random_state, beat, names)
+            got = group.get("cells") or {s: group for s in cells}  # the whole group failed: every cell says why
+            if group.get("warnings") and got:
+                first = next(iter(got.values()))
+                first["warnings"] = sorted(set(first.get("warnings", [])) | set(group["warnings"]))
+    return tag, {"cells": got, "fit_s": sum(v.get("fit_s", 0.0) for v in got.values())}
+
+
+def _cells_of_groups(groups: dict, folds: dict) -> dict:
+    """The combine tasks' results per cell: ``("combine", fusion, subset, head)`` → per fold its
+    result, or the failure of its first fold that failed."""
+    cells: dict = {}
+    for (_, fu, h, f), value in groups.items():
+        for s, r in value["cells"].items():
+            cells.setdefault(("combine", fu, s, h), {})[f] = r
+    out = {}
+    for tag, per_fold in cells.items():
+        err = _first_error(per_fold[f] for f in folds if f in per_fold)
+        out[tag] = {"error": err} if err else {f: per_fold[f] for f in folds}
+    return out
 
 
 def _combine(combine, parts, ytr, n_classes, random_state, beat):
@@ -300,6 +412,29 @@ def _combine(combine, parts, ytr, n_classes, random_state, beat):
     pred, n_fits = combine(parts, ytr, n_classes, random_state)
     beat.fit(time.perf_counter() - t0)
     return {"pred": np.asarray(pred, dtype=np.int64), "fit_s": time.perf_counter() - t0, "n_fits": n_fits}
+
+
+def _combine_many(combine_many, cells, ytr, n_classes, random_state, beat, names):
+    """All cells of a group at once; a cell whose own fit raised fails alone, named as
+    :func:`_attempt` names it. Fit seconds are the group's, shared equally by its cells."""
+    t0 = last = time.perf_counter()
+
+    def on_done(_i: int) -> None:  # the bar moves as each cell's meta-learner converges
+        nonlocal last
+        now = time.perf_counter()
+        beat.fit(now - last)
+        last = now
+
+    results = combine_many(list(cells.values()), ytr, n_classes, random_state, on_done=on_done)
+    share = (time.perf_counter() - t0) / max(len(cells), 1)
+    out = {}
+    for s, r in zip(cells, results):
+        if isinstance(r, BaseException):
+            out[s] = _failure(names[s], r)
+        else:
+            pred, n_fits = r
+            out[s] = {"pred": np.asarray(pred, dtype=np.int64), "fit_s": share, "n_fits": n_fits, "warnings": []}
+    return {"cells": out}
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,7 +593,7 @@ def run_bench(cache: Cache | str | os.PathLike, *, heads: str | Sequence[str],
               max_size: int = 3, cv: int = 5, n_jobs: int | None = 1, random_state: int = 0,
               tune: bool = False, out: str | os.PathLike | None = None, backend: str | None = "loky",
               scheduler: str | None = None, share_fs: bool | None = None,
-              progress: bool = True) -> BenchResult:
+              progress: bool = True, stack_folds: str = "nested") -> BenchResult:
     """Cross-validate every backbone subset (sizes 1..``max_size``) × head × fusion.
 
     ``single`` is evaluated on subsets of size 1, ``concat``/``vote``/``stack`` on sizes >= 2.
@@ -494,6 +629,11 @@ def run_bench(cache: Cache | str | os.PathLike, *, heads: str | Sequence[str],
         fusion_spec(f)
     max_size = _check_int("max_size", max_size, 1)
     cv = _check_int("cv", cv, 2)
+    if stack_folds not in STACK_FOLDS:
+        raise ConfigError(f"stack_folds must be one of {', '.join(STACK_FOLDS)}, got {stack_folds!r}")
+    if stack_folds == "shared" and cv < 3:
+        raise ConfigError(f"stack_folds shared needs cv >= 3 (its inner folds are the other cv-1 outer folds, "
+                          f"fitted without two of them), got cv={cv}")
     if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0):
         raise ConfigError(f"n_jobs must be a non-zero integer (-1 = all cores), got {n_jobs!r}")
     keys = _names(backbones, "backbone")
@@ -516,13 +656,13 @@ def run_bench(cache: Cache | str | os.PathLike, *, heads: str | Sequence[str],
     be = _Backend(backend, scheduler, n_jobs, share_fs)  # unknown backend, dask missing: fail early
     try:
         return _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv, n_jobs,
-                    random_state, tune, out, progress, t_start)
+                    random_state, tune, out, progress, t_start, stack_folds)
     finally:
         be.close()
 
 
 def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv, n_jobs, random_state,
-         tune, out, progress, t_start) -> BenchResult:
+         tune, out, progress, t_start, stack_folds) -> BenchResult:
     train_rows, test_rows, n_excluded = bench_rows(cache)
     require_training_rows(cache, train_rows)
     y_train_raw = cache.labels[train_rows]
@@ -563,14 +703,26 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
     protos = {h: create_head(h, tune=tune, random_state=random_state) for h in head_list}
     combined = [(s, fu) for s, fu in combos if specs[fu].bench_combine is not None]
     base_units = 1 + (cv if want_oof else 0)
-    plan = [(("base", k, h, f), base_units) for k in (used if want_base else []) for h in head_list for f in folds]
+    shared = stack_folds == "shared" and want_oof and want_base
+    models = {h: _shared_models(folds, protos[h], n_train) for h in head_list} if shared else {}
+    if shared:
+        plan = [(("model", k, h, left, pins), 1) for k in used for h in head_list for left, pins in models[h]]
+    else:
+        plan = [(("base", k, h, f), base_units) for k in (used if want_base else []) for h in head_list
+                for f in folds]
     plan += [(("fit", fu, s, h, f), 1) for s, fu in combos if specs[fu].bench_combine is None
              for h in head_list for f in folds]
     total = sum(u for _, u in plan) + len(combined) * len(head_list) * len(folds)
     with BenchProgress(total, be.workers, enabled=progress) as bar:
         tasks = []
         for tag, units in plan:
-            if tag[0] == "base":
+            if tag[0] == "model":
+                _, k, h, left, pins = tag
+                rows = np.setdiff1d(np.arange(n_train), np.concatenate([folds[f][1] for f in left] or [[]]))
+                beat = bar.heartbeat(f"{h} on {k}, {_model_name(left)}", 1, (h, "base", dims[k]), dims[k])
+                tasks.append((beat, delayed(_model_task)(tag, srcs[k], y, rows, models[h][(left, pins)], protos[h],
+                                                         np.arange(len(classes)), beat)))
+            elif tag[0] == "base":
                 _, k, h, f = tag
                 beat = bar.heartbeat(f"{h} on {k}, {_fold_name(f)}", units, (h, "base", dims[k]), dims[k])
                 tasks.append((beat, delayed(_base_task)(tag, srcs[k], y, *folds[f], protos[h], cv, random_state,
@@ -583,20 +735,32 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
                                       n_jobs=None)
                 tasks.append((beat, delayed(_fit_task)(tag, [srcs[k] for k in s], y, *folds[f], est, beat)))
         done = _run_tasks(tasks, be, bar, scatter)
-        tasks = []
-        for s, fu in combined:
+        for k in (used if shared else []):
             for h in head_list:
-                if _first_error(done[("base", k, h, f)] for k in s for f in folds) is not None:
-                    bar.drop(len(folds))  # the cell failed in a base fit: nothing to combine
-                    continue
-                beat = bar.heartbeat(f"{fu} of {'+'.join(s)} with {h}", len(folds), ("meta", fu, len(s)), len(s))
-                parts = {f: ([done[("base", k, h, f)] for k in s], y[tr]) for f, (tr, _) in folds.items()}
-                tasks.append((beat, delayed(_meta_task)(("combine", fu, s, h), specs[fu].bench_combine, parts,
-                                                        len(classes), random_state, beat)))
-        done.update(_run_tasks(tasks, be, bar))
+                done.update({("base", k, h, f): v for f, v in _shared_base(done, k, h, folds, protos[h],
+                                                                          n_train).items()})
+        tasks = []
+        for fu in dict.fromkeys(fu for _, fu in combined):
+            for h in head_list:
+                subsets = []
+                for s in (s for s, f2 in combined if f2 == fu):
+                    if _first_error(done[("base", k, h, f)] for k in s for f in folds) is not None:
+                        bar.drop(len(folds))  # the cell failed in a base fit: nothing to combine
+                    else:
+                        subsets.append(s)
+                for f, (tr, _) in folds.items():
+                    if not subsets:
+                        continue
+                    cells = {s: [done[("base", k, h, f)] for k in s] for s in subsets}
+                    beat = bar.heartbeat(f"{fu} with {h}, {_fold_name(f)} ({len(cells)} subsets)", len(cells),
+                                         ("meta", fu, h), len(cells))
+                    tasks.append((beat, delayed(_combine_task)(("combine", fu, h, f), specs[fu].bench_combine,
+                                                               specs[fu].bench_combine_many, cells, y[tr],
+                                                               len(classes), random_state, beat)))
+        done.update(_cells_of_groups(_run_tasks(tasks, be, bar), folds))
 
     # Scores
-    n_base_fits = sum(v.get("n_fits", 0) for t, v in done.items() if t[0] == "base")
+    n_base_fits = sum(v.get("n_fits", 0) for t, v in done.items() if t[0] in ("base", "model"))
     n_concat_fits = sum(1 for t, v in done.items() if t[0] == "fit" and "error" not in v)
     n_meta_fits = sum(m["n_fits"] for t, v in done.items() if t[0] == "combine" and "error" not in v
                       for m in v.values())
@@ -621,6 +785,7 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
 
     settings = {"heads": head_list, "fusions": fusion_list, "backbones": keys, "max_size": max_size,
                 "cv": cv, "random_state": random_state, "tune": bool(tune), "n_jobs": n_jobs,
+                "stack_folds": stack_folds,
                 "backend": be.name, "scheduler": be.address, "share_fs": be.share_fs if be.name == "dask" else None}
     result = BenchResult(rows=rows, folds=fold_scores, n_base_fits=n_base_fits,
                          n_concat_fits=n_concat_fits, n_meta_fits=n_meta_fits, n_train=n_train,

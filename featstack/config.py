@@ -59,6 +59,8 @@ TRAIN_MODELS = ("best", "named")
 #: over the cross-validation folds only, never the test split (selecting on it makes its score
 #: optimistic) nor a cost such as fit_seconds
 RANK_METRICS = ("cv_accuracy_mean", "cv_f1_macro_mean")
+#: the inner folds of a stack in the bench (featstack.bench.run_bench's stack_folds)
+STACK_FOLDS = ("nested", "shared")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,6 +511,10 @@ class BenchConfig:
     n_jobs: int | None = setting(1, "joblib workers (-1 = all cores)")
     seed: int = setting(0, "seed of the folds and heads", api="random_state")
     tune: bool = setting(False, "choose each head's regularisation by inner CV on the training rows")
+    stack_folds: str = setting("nested", "inner folds of stack: nested (a fresh cv-fold split of each outer-training "
+                                         "fold, exactly the stack train fits) or shared (the other outer folds, so "
+                                         "one inner fit serves two outer folds: about half the base fits, scores "
+                                         "of a (cv-1)-fold inner CV)", choices=STACK_FOLDS)
     out: str | None = setting(None, "output folder", default_text="runs/<cache name>", yaml="top:out")
     backend: str | None = setting("loky", "joblib backend (dask: a dask.distributed cluster, needs featstack[dask])",
                            choices=BENCH_BACKENDS)

@@ -31,6 +31,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .errors import ConfigError
+from .logistic import fit_logistic_regression, fit_logistic_regressions_safe
 from .heads import HEADS, create_head, head_spec, pin_size_choices, type_name
 
 STACK_METHODS = ("predict_proba", "decision_function")
@@ -113,8 +114,11 @@ def vote_proba(probas: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def stack_features(preds: Sequence[np.ndarray], methods: Sequence[str], n_classes: int) -> np.ndarray:
-    """Meta-features of a stack: each block's raw outputs as scores, blocks side by side."""
-    return np.hstack([scores_from_prediction(p, m, n_classes) for p, m in zip(preds, methods)])
+    """Meta-features of a stack: each block's raw outputs as scores, blocks side by side, in
+    float64 whatever the heads gave (the meta-learner's fit is float64: see
+    :mod:`featstack.logistic`)."""
+    return np.hstack([scores_from_prediction(p, m, n_classes) for p, m in zip(preds, methods)]).astype(
+        np.float64, copy=False)
 
 
 def stack_splitter(cv: int, random_state: int | None) -> StratifiedKFold:
@@ -147,17 +151,25 @@ def _fold_scores(proto, method: str, X, y, tr, te, classes, on_fit) -> np.ndarra
 
     t0 = time.perf_counter()
     est = clone(proto).fit(X[tr], y[tr])
-    scores = getattr(est, method)(X[te])
+    scores = aligned_scores(est, method, X[te], classes)
+    if on_fit is not None:
+        on_fit(time.perf_counter() - t0)
+    return scores
+
+
+def aligned_scores(est, method: str, X: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """``est``'s ``method`` outputs on X with one column per class of ``classes`` (a class
+    missing from the rows ``est`` was fitted on gets zero probability, as in
+    ``cross_val_predict``; decision scores cannot be aligned, which is an error)."""
+    scores = getattr(est, method)(X)
     seen = getattr(est, "classes_", classes)
     if len(seen) != len(classes):  # a class missing from this inner training fold
         if method != "predict_proba":
             raise ValueError(f"an inner stacking fold holds {len(seen)} of the {len(classes)} classes; "
                              "decision scores cannot be aligned: use fewer folds (cv) or more rows per class")
-        full = np.zeros((len(te), len(classes)), dtype=scores.dtype)  # as cross_val_predict does
+        full = np.zeros((len(X), len(classes)), dtype=scores.dtype)
         full[:, np.searchsorted(classes, seen)] = scores
         scores = full
-    if on_fit is not None:
-        on_fit(time.perf_counter() - t0)
     return scores
 
 
@@ -170,6 +182,8 @@ def fit_meta_learner(final: BaseEstimator | None, random_state: int | None, meta
                      y: np.ndarray) -> BaseEstimator:
     """A fresh copy of ``final`` (None: the default meta-learner) fitted on the meta-features."""
     est = default_meta_learner(random_state) if final is None else clone(final)
+    if isinstance(est, LogisticRegression):  # the same minimisation, without per-fit dispatch
+        return fit_logistic_regression(est, meta, y)
     return est.fit(meta, y)
 
 
@@ -422,7 +436,11 @@ class FusionSpec:
     ``raw`` and ``pred``: its outputs on the outer-test rows; ``oof``: its inner out-of-fold
     outputs on the outer-train rows, computed when ``needs_oof``). ``bench_combine=None``: the
     bench fits ``build``'s estimator on the subset's columns per fold (always correct, never
-    shared). ``needs_oof`` also means training needs ``cv`` rows of every class. ``allowed_types``:
+    shared). ``bench_combine_many(cells, y_train, n_classes, random_state, on_done)``, optional:
+    the same for several subsets' cells of one fold at once (a list of parts lists), giving per
+    cell its ``(prediction, n_fits)`` or the exception that cell raised, and calling
+    ``on_done(i)`` as cell ``i`` is done (a stack fits all of a fold's meta-learners side by
+    side). ``needs_oof`` also means training needs ``cv`` rows of every class. ``allowed_types``:
     type names a saved estimator of this fusion holds besides its heads (skops allowlist).
     ``converter``: a name in :data:`featstack.convert.FUSION_CONVERTERS`, a callable
     ``convert(estimator, dims, dtype, convert_head) -> HeadModule``, or None (export refuses).
@@ -436,6 +454,7 @@ class FusionSpec:
     min_backbones: int = 2
     max_backbones: int | None = None
     bench_combine: Callable | None = None
+    bench_combine_many: Callable | None = None
     needs_oof: bool = False
     allowed_types: tuple[str, ...] = ()
     converter: str | Callable | None = None
@@ -581,13 +600,41 @@ def bench_vote(parts, y_train, n_classes, random_state):
 def bench_stack(parts, y_train, n_classes, random_state):
     """The default meta-learner on the blocks' inner out-of-fold scores, applied to their
     scores on the outer-test rows: exactly what :class:`StackClassifier` fits on that fold."""
-    methods = [p["method"] for p in parts]
-    final = fit_meta_learner(None, random_state, stack_features([p["oof"] for p in parts], methods, n_classes),
-                             y_train)
-    if parts[0]["raw"] is None:
-        return _empty_pred(parts), 1
-    meta = stack_features([p["raw"] for p in parts], methods, n_classes)
-    return np.asarray(final.predict(meta), dtype=np.int64), 1
+    got = bench_stack_many([parts], y_train, n_classes, random_state)[0]
+    if isinstance(got, BaseException):
+        raise got
+    return got
+
+
+def bench_stack_many(cells, y_train, n_classes, random_state, on_done=None) -> list:
+    """:func:`bench_stack` for several subsets' cells of one fold, their meta-learners fitted
+    side by side (:func:`featstack.logistic.fit_logistic_regressions`: the same fits, one
+    batched loss evaluation per round). Per cell ``(prediction, 1)`` or its exception."""
+    out: list = [None] * len(cells)
+    problems, where = [], []
+    for i, parts in enumerate(cells):
+        try:
+            meta = stack_features([p["oof"] for p in parts], [p["method"] for p in parts], n_classes)
+        except Exception as exc:  # noqa: BLE001 - this cell fails alone
+            out[i] = exc
+            continue
+        problems.append((default_meta_learner(random_state), meta, y_train))
+        where.append(i)
+    finals = fit_logistic_regressions_safe(problems, on_fit=None if on_done is None else lambda j: on_done(where[j]))
+    for i, final in zip(where, finals):
+        if isinstance(final, BaseException):
+            out[i] = final
+            continue
+        parts = cells[i]
+        if parts[0]["raw"] is None:
+            out[i] = (_empty_pred(parts), 1)
+            continue
+        try:
+            meta = stack_features([p["raw"] for p in parts], [p["method"] for p in parts], n_classes)
+            out[i] = (np.asarray(final.predict(meta), dtype=np.int64), 1)
+        except Exception as exc:  # noqa: BLE001
+            out[i] = exc
+    return out
 
 
 _META_TYPES = (type_name(LogisticRegression),)
@@ -598,7 +645,8 @@ register_fusion("concat", _plain_head, min_backbones=2, converter="head",
 register_fusion("vote", _vote, min_backbones=2, bench_combine=bench_vote,
                 allowed_types=(type_name(VoteClassifier),), converter="vote",
                 description="one head per backbone, class probabilities averaged (late fusion)", cost=2)
-register_fusion("stack", _stack, min_backbones=2, bench_combine=bench_stack, needs_oof=True,
+register_fusion("stack", _stack, min_backbones=2, bench_combine=bench_stack, bench_combine_many=bench_stack_many,
+                needs_oof=True,
                 allowed_types=(type_name(StackClassifier),) + _META_TYPES, converter="stack",
                 description="one head per backbone, out-of-fold scores → a meta-learner", cost=3)
 

@@ -253,10 +253,16 @@ def pin_size_choices(estimator: BaseEstimator, n_rows: int) -> BaseEstimator:
     stack's meta-learner is then applied to; near svm-rbf's switch the two would otherwise be
     different models, with decision values on different scales (one-vs-one votes against
     margins). Modifies and returns ``estimator``: pass a clone."""
-    pinned = {name: (0 if n_rows >= value else n_rows + 1)
-              for name, value in estimator.get_params(deep=True).items()
-              if name.rpartition("__")[2] == "exact_below" and isinstance(value, (int, np.integer))}
+    pinned = size_pins(estimator, n_rows)
     return estimator.set_params(**pinned) if pinned else estimator
+
+
+def size_pins(estimator: BaseEstimator, n_rows: int) -> dict:
+    """The parameters :func:`pin_size_choices` sets for ``n_rows`` rows ({} when the estimator
+    makes no size-dependent choice)."""
+    return {name: (0 if n_rows >= value else n_rows + 1)
+            for name, value in estimator.get_params(deep=True).items()
+            if name.rpartition("__")[2] == "exact_below" and isinstance(value, (int, np.integer))}
 
 
 def unwrap_head(estimator: BaseEstimator) -> BaseEstimator:

@@ -345,3 +345,117 @@ def test_fold_scores_equal_sklearn_exactly(labels):
     y_true, y_pred = (np.array(v) for v in labels)
     assert accuracy_and_macro_f1(y_true, y_pred) == (
         accuracy_score(y_true, y_pred), f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+# ------------------------------------------------------------------ shared inner folds (below the floor)
+
+def _shared_reference(cache, backbones, head, cv, seed=0):
+    """Per-fold scores of scikit-learn's StackingClassifier whose inner folds, on each outer
+    training fold, are the other outer folds (``PredefinedSplit``), and its test accuracy when
+    refit on all training rows with the outer folds as inner folds."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import StackingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.model_selection import PredefinedSplit
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    c = open_cache(cache)
+    train, test, _ = bench_rows(c)
+    keys = backbones.split("+")
+    X, Xt = c.features(keys, rows=train, dtype=np.float32), c.features(keys, rows=test, dtype=np.float32)
+    y, yt = c.labels[train], c.labels[test]
+    bounds = np.cumsum([0] + [c.dim(k) for k in keys])
+    outer = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(X, y))
+    fold_of = np.empty(len(y), dtype=int)
+    for f, (_, te) in enumerate(outer):
+        fold_of[te] = f
+
+    def stack(inner):
+        blocks = [(k, make_pipeline(ColumnTransformer([(k, "passthrough", slice(int(bounds[i]), int(bounds[i + 1])))]),
+                                    create_head(head, random_state=seed))) for i, k in enumerate(keys)]
+        final = make_pipeline(FunctionTransformer(_float64), LogisticRegression(max_iter=1000, random_state=seed))
+        return StackingClassifier(blocks, final_estimator=final, cv=inner)
+
+    acc, f1 = [], []
+    for tr, te in outer:
+        pred = stack(PredefinedSplit(fold_of[tr])).fit(X[tr], y[tr]).predict(X[te])
+        acc.append(float(accuracy_score(y[te], pred)))
+        f1.append(float(f1_score(y[te], pred, average="macro")))
+    return acc, f1, float(stack(PredefinedSplit(fold_of)).fit(X, y).score(Xt, yt))
+
+
+def _float64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_shared_stack_folds_are_the_other_outer_folds(tmp_path, n_classes, monkeypatch):
+    """stack_folds="shared": every stack score is scikit-learn's stacking with the other outer
+    folds as inner folds; single and vote (outer models only) are unchanged; the test-split stack
+    is exactly the model `featstack train --fusion stack` fits; about half the base fits."""
+    cache = make_cache(tmp_path / "x.h5", dims=(5, 4, 3), n_classes=n_classes, seed=n_classes, n_train=75)
+    cv, heads = 5, ["gaussian-nb", "linear-svm", "logreg"]
+    calls = _count_pipeline_fits(monkeypatch)
+    nested = run_bench(cache, heads=heads, fusions=["single", "vote", "stack"], max_size=3, cv=cv, progress=False)
+    n_nested = len(calls)
+    calls.clear()
+    shared = run_bench(cache, heads=heads, fusions=["single", "vote", "stack"], max_size=3, cv=cv, progress=False,
+                       stack_folds="shared")
+    # per (backbone, head): C(cv, 2) pair fits + cv outer fits + the test-split refit (its inner
+    # models are the outer ones) against cv (cv + 1) + (cv + 1)
+    assert shared.n_base_fits == len(calls) == 3 * 3 * (cv * (cv - 1) // 2 + cv + 1)
+    assert nested.n_base_fits == n_nested == 3 * 3 * (cv + 1) * (cv + 1)
+    assert shared.settings["stack_folds"] == "shared"
+    rows = {(r["backbones"], r["head"], r["fusion"]): r for r in shared.rows}
+    differ = 0
+    for (b, h, f), got in shared.folds.items():
+        if f != "stack":  # outer models only: the same models, the same scores
+            assert got == nested.folds[(b, h, f)]
+            continue
+        acc, f1, test_acc = _shared_reference(cache, b, h, cv)
+        assert got["accuracy"] == acc and got["f1_macro"] == f1, (b, h)
+        assert rows[(b, h, f)]["test_accuracy"] == test_acc
+        differ += got != nested.folds[(b, h, f)]
+        # the test-split stack is the one training fits: its inner folds are the outer folds
+        c = open_cache(cache)
+        train, test, _ = bench_rows(c)
+        keys = b.split("+")
+        model = StackClassifier(h, [c.dim(k) for k in keys], cv=cv, random_state=0).fit(
+            c.features(keys, rows=train, dtype=np.float32), c.labels[train])
+        assert model.score(c.features(keys, rows=test, dtype=np.float32), c.labels[test]) == test_acc
+    assert differ  # the inner folds differ from nested ones, so the checks above mean something
+
+
+def test_shared_stack_folds_pin_size_choices_per_training_size():
+    """Near svm-rbf's exact/Nystroem switch, the test-split refit's inner models are not the
+    outer models (those are pinned to the refit's size), and pair fits are pinned to their outer
+    fold's training size."""
+    from featstack.bench import REFIT, _shared_models
+    from featstack.solvers import RbfSVC
+
+    y = np.arange(110) % 2
+    outer = list(StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(110), y))
+    folds = {f: (tr, te) for f, (tr, te) in enumerate(outer)}
+    folds[REFIT] = (np.arange(110), 110 + np.arange(10))
+    plain = _shared_models(folds, create_head("logreg"), 110)
+    assert len(plain) == 10 + 5 + 1  # pairs, outer models (also the refit's inner models), refit
+    assert plain[((2,), ())] == {2: folds[2][1]} and set(plain[((1, 3), ())]) == {1, 3}
+    svm = Pipeline([("clf", RbfSVC(exact_below=100))])  # outer folds: 88 rows (exact), refit: 110
+    pinned = _shared_models(folds, svm, 110)
+    assert len(pinned) == 10 + 5 + 5 + 1
+    assert pinned[((1, 3), (("clf__exact_below", 89),))].keys() == {1, 3}
+    assert pinned[((3,), (("clf__exact_below", 0),))] == {3: folds[3][1]}
+
+
+def test_shared_stack_folds_needs_three_folds(syn, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"stack_folds shared needs cv >= 3"):
+        run_bench(syn, heads="logreg", fusions="stack", cv=2, stack_folds="shared", progress=False)
+    code = cli_main(["bench", str(syn), "--heads", "logreg", "--fusions", "single,stack", "--stack-folds", "shared",
+                     "--cv", "3", "--out", str(tmp_path / "o"), "--no-progress", "--no-report"])
+    assert code == 0
+    assert json.loads((tmp_path / "o" / "bench.json").read_text())["settings"]["stack_folds"] == "shared"
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", str(syn), "--stack-folds", "half", "--no-progress"])
+    assert exit_.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_dask_grid_equals_local_grid(cache, cluster, share_fs):
     # the work really went through the cluster: the scheduler saw the bench's task batches
     with distributed.Client(cluster.scheduler_address) as client:
         prefixes = client.run_on_scheduler(lambda dask_scheduler: [str(p) for p in dask_scheduler.task_prefixes])
-    assert any("_base_task" in p for p in prefixes) and any("_meta_task" in p for p in prefixes), prefixes
+    assert any("_base_task" in p for p in prefixes) and any("_combine_task" in p for p in prefixes), prefixes
     if share_fs:  # tasks read the features from the cache file themselves
         assert any(key[0] == str(cache.resolve()) for key in bench._BLOCK_MEMO)
 

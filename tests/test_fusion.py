@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.naive_bayes import GaussianNB
 from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featstack.errors import ConfigError
@@ -28,7 +29,14 @@ def _blocks_data(n_classes: int, n: int = 150, seed: int = 1):
     return X, y
 
 
-def _sklearn_stack(head: str, dims, cv: int, rs: int) -> StackingClassifier:
+def _to_float64(X):
+    return np.asarray(X, dtype=np.float64)
+
+
+def _sklearn_stack(head: str, dims, cv: int, rs: int, float64_meta: bool = True) -> StackingClassifier:
+    """scikit-learn's stacking of ``head`` per block; ``float64_meta``: its meta-learner fitted on
+    the out-of-fold scores as float64, as ours is (scikit-learn alone fits float32 scores in
+    float32)."""
     bounds = np.cumsum((0,) + tuple(dims))
     estimators = [
         (f"b{i}", Pipeline([
@@ -37,8 +45,11 @@ def _sklearn_stack(head: str, dims, cv: int, rs: int) -> StackingClassifier:
         ]))
         for i in range(len(dims))
     ]
+    final = LogisticRegression(max_iter=1000, random_state=rs)
+    if float64_meta:
+        final = Pipeline([("float64", FunctionTransformer(_to_float64)), ("lr", final)])
     return StackingClassifier(estimators=estimators,
-                              final_estimator=LogisticRegression(max_iter=1000, random_state=rs),
+                              final_estimator=final,
                               cv=StratifiedKFold(cv, shuffle=True, random_state=rs))
 
 
@@ -64,7 +75,22 @@ def test_stack_equals_sklearn_stacking(head, n_classes, dtype):
     # binary → one meta column per block; multiclass → one per class per block
     assert ours.transform(Xte).shape[1] == (1 if n_classes == 2 else n_classes) * len(DIMS)
     # the final estimators learned the same coefficients from the same out-of-fold matrix
-    np.testing.assert_allclose(ours.final_estimator_.coef_, ref.final_estimator_.coef_, atol=1e-10)
+    np.testing.assert_allclose(ours.final_estimator_.coef_, ref.final_estimator_[-1].coef_, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("head", ["logreg", "gaussian-nb"])  # the heads whose scores are float32 on float32
+def test_stack_on_float32_features_is_sklearn_stacking_up_to_float32_rounding(head, n_classes):
+    """scikit-learn fits the meta-learner of float32 scores in float32 arithmetic; ours fits it in
+    float64. The two optima differ by float32 rounding only: same labels, probabilities within 1e-5."""
+    X, y = _blocks_data(n_classes)
+    X = X.astype(np.float32)
+    ours = StackClassifier(head=head, dims=DIMS, cv=4, random_state=7).fit(X[:110], y[:110])
+    ref = _sklearn_stack(head, DIMS, cv=4, rs=7, float64_meta=False).fit(X[:110], y[:110])
+    assert ref.final_estimator_.coef_.dtype == np.float32  # the difference this test is about
+    for data in (X[:110], X[110:]):
+        np.testing.assert_array_equal(ours.predict(data), ref.predict(data))
+        np.testing.assert_allclose(ours.predict_proba(data), ref.predict_proba(data), rtol=0, atol=1e-5)
 
 
 def test_stack_with_string_labels_and_custom_final_estimator_matches_sklearn():
