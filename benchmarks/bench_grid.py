@@ -220,8 +220,9 @@ def main(argv=None) -> int:
 
         def featstack_run():
             t0 = time.perf_counter()
+            extra = {} if args.stack_folds == "nested" else {"stack_folds": args.stack_folds}
             out = run_bench(cache, heads=heads, fusions=["stack"], max_size=len(keys), cv=args.cv,
-                            n_jobs=args.n_jobs, random_state=args.seed, progress=False, stack_folds=args.stack_folds)
+                            n_jobs=args.n_jobs, random_state=args.seed, progress=False, **extra)
             return out, time.perf_counter() - t0
 
         def floor_run():
