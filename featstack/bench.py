@@ -1059,6 +1059,14 @@ def format_table(rows: Sequence[dict], top: int = 20) -> str:
     return "\n".join(lines + [TIE_NOTE])
 
 
+def stack_folds_note(settings: dict) -> str:
+    """A sentence saying how the stack rows' inner folds were drawn, when it is not the default."""
+    if settings.get("stack_folds") != "shared" or "stack" not in settings.get("fusions", ()):
+        return ""
+    return (" Stack rows: on each outer fold, the inner folds were the other outer folds (--stack-folds shared: a "
+            f"{settings['cv'] - 1}-fold inner CV whose fits two outer folds share).")
+
+
 def _markdown(result: BenchResult, cache: Cache) -> str:
     s = result.settings
     lines = [f"# Bench of {cache.path}", "",
@@ -1067,7 +1075,7 @@ def _markdown(result: BenchResult, cache: Cache) -> str:
              f"{s['cv']}-fold stratified CV (seed {s['random_state']}) on {result.n_train} training rows"
              + (f" ({result.n_excluded} excluded: decode errors)" if result.n_excluded else "")
              + (f"; test scores after a refit on all of them, on {result.n_test} test rows."
-                if result.n_test else "; no labelled test split."),
+                if result.n_test else "; no labelled test split.") + stack_folds_note(s),
              f"{result.n_base_fits} base fits (shared by all subsets), {result.n_concat_fits} concat "
              f"fits, {result.n_meta_fits} meta-learner fits, {result.seconds:.1f} s.", "", TIE_NOTE + ".", "",
              "| " + " | ".join(TABLE_HEADER) + " |",

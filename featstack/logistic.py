@@ -39,6 +39,10 @@ MAXCOR = 10
 """Correction pairs kept by L-BFGS-B: scipy's default, which scikit-learn keeps."""
 MAXFUN = 15000
 """Function evaluations before L-BFGS-B stops: scipy's default, which scikit-learn keeps."""
+MAX_BATCH = 32
+"""Problems solved side by side at most (a bench fold's stacks: one per backbone subset)."""
+MAX_BATCH_BYTES = 256 << 20
+"""Memory of a batch's softmax arrays at most (large problems are solved fewer at a time)."""
 
 
 def fit_logistic_regression(est: LogisticRegression, X, y) -> LogisticRegression:
@@ -77,17 +81,30 @@ def fit_logistic_regressions_safe(problems: Sequence[tuple[LogisticRegression, o
             continue
         prepared[i] = prep
         groups.setdefault((prep.n, prep.k), []).append(i)
-    for (n, k), ids in groups.items():
-        batch = [prepared[i] for i in ids]
-        evaluate = _multinomial_batch(batch) if k > 2 else _binomial_batch(batch)
-        for j, res in enumerate(_lbfgsb_lockstep([p.theta0 for p in batch], evaluate, batch,
-                                                 on_done=None if on_fit is None else lambda j: on_fit(ids[j]))):
-            i = ids[j]
-            out[i] = _finish(problems[i][0], batch[j], res)
+    for (n, k), group in groups.items():
+        for ids in _chunks(group, n * k):
+            _solve_batch(problems, prepared, ids, k, on_fit, out)
     return out
 
 
+def _chunks(ids: list[int], cells: int) -> list[list[int]]:
+    """Side-by-side batches of at most :data:`MAX_BATCH` problems and :data:`MAX_BATCH_BYTES`
+    of softmax arrays (two float64 arrays of ``cells`` = rows x classes per problem)."""
+    size = max(1, min(MAX_BATCH, MAX_BATCH_BYTES // (16 * cells)))
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+def _solve_batch(problems, prepared: dict, ids: list[int], k: int, on_fit, out: list) -> None:
+    batch = [prepared[i] for i in ids]
+    evaluate = _multinomial_batch(batch) if k > 2 else _binomial_batch(batch)
+    on_done = None if on_fit is None else (lambda j: on_fit(ids[j]))
+    for j, res in enumerate(_lbfgsb_lockstep([p.theta0 for p in batch], evaluate, batch, on_done=on_done)):
+        out[ids[j]] = _finish(problems[ids[j]][0], batch[j], res)
+
+
 def _plain_fit(est, X, y):
+    if isinstance(X, np.ndarray) and X.dtype.kind == "f":
+        X = X.astype(np.float64, copy=False)  # float64 whichever path a problem takes
     try:
         return est.fit(X, y)
     except Exception as exc:  # noqa: BLE001 - handed back in the problem's place

@@ -208,6 +208,7 @@ def _backbone_section(cache, ctx: dict) -> Section:
 
 def _ranking_section(rows: list[dict], bench: dict, out: Path) -> Section:
     from . import plots
+    from .bench import stack_folds_note
 
     s = bench.get("settings", {})
     k = s.get("cv", "?")
@@ -215,6 +216,7 @@ def _ranking_section(rows: list[dict], bench: dict, out: Path) -> Section:
              f"cross-validation on {bench.get('n_train', '?')} training images"
              + (f", test accuracy after a refit on all of them ({bench.get('n_test')} test images)."
                 if bench.get("n_test") else ", no labelled test split.")
+             + stack_folds_note(s)
              + " ± is the standard error of the CV mean (how precisely the mean is known); the spread is the "
                "standard deviation over folds (how much one fold varies).")
     ties = any("tied_with_best" in r for r in rows)

@@ -453,9 +453,12 @@ def test_shared_stack_folds_needs_three_folds(syn, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"stack_folds shared needs cv >= 3"):
         run_bench(syn, heads="logreg", fusions="stack", cv=2, stack_folds="shared", progress=False)
     code = cli_main(["bench", str(syn), "--heads", "logreg", "--fusions", "single,stack", "--stack-folds", "shared",
-                     "--cv", "3", "--out", str(tmp_path / "o"), "--no-progress", "--no-report"])
+                     "--cv", "3", "--out", str(tmp_path / "o"), "--no-progress"])
     assert code == 0
     assert json.loads((tmp_path / "o" / "bench.json").read_text())["settings"]["stack_folds"] == "shared"
+    assert "the inner folds were the other outer folds (--stack-folds shared: a 2-fold inner CV" in \
+        (tmp_path / "o" / "results.md").read_text()
+    assert "--stack-folds shared" in (tmp_path / "o" / "report.html").read_text()
     with pytest.raises(SystemExit) as exit_:
         cli_main(["bench", str(syn), "--stack-folds", "half", "--no-progress"])
     assert exit_.value.code == 2 and "invalid choice: 'half'" in capsys.readouterr().err

@@ -65,3 +65,15 @@ def test_scheduler_from_environment(cache, cluster, monkeypatch):
     assert res.settings["scheduler"] == cluster.scheduler_address
     local = run_bench(cache, n_jobs=1, **(GRID | {"fusions": ["single", "stack"]}))
     assert _scores(res) == _scores(local)
+
+
+def test_dask_shared_stack_folds_equal_local(cache, cluster):
+    """The shared fits (one task per fit, assembled by the client) go through the cluster too."""
+    grid = GRID | {"fusions": ["single", "stack"], "stack_folds": "shared"}
+    local = run_bench(cache, n_jobs=1, **grid)
+    remote = run_bench(cache, backend="dask", scheduler=cluster.scheduler_address, share_fs=True, **grid)
+    assert remote.folds == local.folds and _scores(remote) == _scores(local)
+    assert remote.n_base_fits == local.n_base_fits == 3 * 2 * (3 + 3 + 1)  # pairs + outer + refit, cv 3
+    with distributed.Client(cluster.scheduler_address) as client:
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: [str(p) for p in dask_scheduler.task_prefixes])
+    assert any("_model_task" in p for p in prefixes), prefixes

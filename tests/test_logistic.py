@@ -71,9 +71,11 @@ def test_string_labels_and_iteration_limit_behave_as_sklearn():
     assert short.n_iter_.tolist() == [2]
 
 
-def test_many_side_by_side_equal_one_by_one():
-    """Problems of one batch (same rows and classes, different widths) and of other batches give
-    the fits each gives alone."""
+@pytest.mark.parametrize("max_batch", [32, 2])
+def test_many_side_by_side_equal_one_by_one(max_batch, monkeypatch):
+    """Problems of one batch (same rows and classes, different widths), of other batches and of
+    batches cut by the size limit give the fits each gives alone."""
+    monkeypatch.setattr(logistic, "MAX_BATCH", max_batch)
     problems = [_problem(150, p, 4, seed=p) for p in (3, 9, 5)] + [_problem(90, 4, 3, seed=9), _problem(150, 2, 2, 1)]
     alone = [fit_logistic_regression(LogisticRegression(), X, y) for X, y in problems]
     done = []
@@ -82,6 +84,8 @@ def test_many_side_by_side_equal_one_by_one():
     for a, b in zip(alone, together):
         np.testing.assert_allclose(a.coef_, b.coef_, rtol=0, atol=1e-12)
         assert a.n_iter_.tolist() == b.n_iter_.tolist()
+    assert logistic._chunks(list(range(5)), 150 * 4) == [list(range(i, min(i + max_batch, 5)))
+                                                        for i in range(0, 5, max_batch)]
 
 
 def test_problems_it_does_not_solve_go_to_sklearn_and_fail_alone():
