@@ -752,8 +752,9 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
                     if not subsets:
                         continue
                     cells = {s: [done[("base", k, h, f)] for k in s] for s in subsets}
+                    # kind (name, stage, width): one unit is one cell's meta-learner, whatever the group
                     beat = bar.heartbeat(f"{fu} with {h}, {_fold_name(f)} ({len(cells)} subsets)", len(cells),
-                                         ("meta", fu, h), len(cells))
+                                         (f"meta {h}", fu, 1), 1)
                     tasks.append((beat, delayed(_combine_task)(("combine", fu, h, f), specs[fu].bench_combine,
                                                                specs[fu].bench_combine_many, cells, y[tr],
                                                                len(classes), random_state, beat)))

@@ -208,7 +208,10 @@ class BenchProgress:
     def refresh(self) -> None:
         if not self.enabled:
             return
-        done, eta, longest = self.state()
+        try:
+            done, eta, longest = self.state()
+        except Exception:  # noqa: BLE001 - an estimate must never cost the grid its results
+            done, eta, longest = self.done_units, None, None
         parts = [f"ETA {_clock(eta)}" if eta is not None else "ETA measuring"]
         if longest:
             parts.append(f"running {_clock(longest[1])}: {longest[0]}")

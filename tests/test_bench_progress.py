@@ -137,3 +137,33 @@ def test_bar_moves_and_names_the_waiting_fit(gated, tmp_path, n_jobs):
     final = [f for f in re.split(r"[\r\n]", "".join(err)) if "fits" in f][-1]
     # 2 backbones x 2 heads x 3 folds: one base fit and one combine step each
     assert re.search(r"24/24 fits", final), final
+
+
+@pytest.mark.parametrize("stack_folds", ["nested", "shared"])
+def test_stack_grid_with_several_heads_runs_with_the_bar(tmp_path, capsys, monkeypatch, stack_folds):
+    """The meta-learner steps of several heads and the shared fits get ETA estimates like the base
+    fits (a regression: the estimate once compared a head name with a width on the second
+    head's meta-learners, and `make demo` failed). The bar's estimate is computed after every
+    task here, not only when its timer fires."""
+    from featstack.bench import run_bench
+
+    finish = BenchProgress.finish
+
+    def finish_and_estimate(self, beat, seconds):
+        finish(self, beat, seconds)
+        self.state()
+
+    monkeypatch.setattr(BenchProgress, "finish", finish_and_estimate)
+
+    rng = np.random.default_rng(3)
+    n, y = 45, np.arange(45) % 3
+    samples = SampleTable(ids=[f"s{i}" for i in range(n)], labels=y, splits=["train"] * n, classes=["a", "b", "c"])
+    feats = {f"b{i}": rng.normal(size=(n, 3 + i)) + np.eye(3)[y] @ rng.normal(size=(3, 3 + i)) for i in range(3)}
+    cache = write_arrays_cache(tmp_path / "c.h5", samples, feats)
+    res = run_bench(cache, heads="logreg,gaussian-nb,linear-svm", fusions="single,vote,stack", cv=3, progress=True,
+                    stack_folds=stack_folds)
+    assert len(res.rows) == 3 * (3 + 4 + 4)
+    frames = [f for f in re.split(r"[\r\n]", capsys.readouterr().err) if "fits" in f]
+    base = 3 * 3 * (3 * 4 if stack_folds == "nested" else 3 + 3)  # backbones x heads x fits (no test split)
+    total = base + len(res.rows) * 3  # and one combine step per (cell, fold)
+    assert re.search(rf"{total}/{total} fits", frames[-1]), frames[-1]
