@@ -251,9 +251,7 @@ def _base(X, y, train_idx, test_idx, proto, cv, random_state, need_oof, beat):
     est = clone(proto).fit(Xtr, ytr)
     fit_s = time.perf_counter() - t0
     raw = getattr(est, method)(Xte) if len(Xte) else None
-    pred = labels_from_decision(est, raw) if raw is not None and method == "decision_function" else None
-    if pred is None:  # one pass over the test rows when the labels follow from the scores
-        pred = est.predict(Xte) if len(Xte) else np.empty(0, dtype=ytr.dtype)
+    pred = _labels(est, method, raw, Xte) if len(Xte) else np.empty(0, dtype=ytr.dtype)
     beat.fit(time.perf_counter() - t0)
     oof, oof_s = None, 0.0
     if need_oof:
@@ -262,6 +260,13 @@ def _base(X, y, train_idx, test_idx, proto, cv, random_state, need_oof, beat):
         oof_s = time.perf_counter() - t0
     return {"method": method, "raw": raw, "pred": pred, "oof": oof, "fit_s": fit_s,
             "oof_s": oof_s, "n_fits": 1 + (cv if need_oof else 0)}
+
+
+def _labels(est, method: str, scores: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Predicted labels of X, from the decision scores already computed when they determine them
+    (one pass over the rows instead of two)."""
+    pred = labels_from_decision(est, scores) if method == "decision_function" else None
+    return est.predict(X) if pred is None else pred
 
 
 def _model_task(tag, src, y, train_idx, score_on, proto, classes, beat):
@@ -285,8 +290,7 @@ def _model(X, y, train_idx, score_on, proto, pins, classes, beat):
     for name, idx in score_on.items():
         scores[name] = aligned_scores(est, method, X[idx], classes)
         if not pins:
-            pred = labels_from_decision(est, scores[name]) if method == "decision_function" else None
-            preds[name] = est.predict(X[idx]) if pred is None else pred
+            preds[name] = _labels(est, method, scores[name], X[idx])
     beat.fit(time.perf_counter() - t0)
     return {"method": method, "scores": scores, "preds": preds, "fit_s": fit_s, "n_fits": 1}
 
@@ -297,54 +301,50 @@ def _model_name(left_out: tuple) -> str:
     return "without outer fold" + ("s " if len(left_out) > 1 else " ") + " and ".join(str(f + 1) for f in left_out)
 
 
-def _shared_models(folds: dict, proto, n_train: int) -> dict:
-    """The fits of one (backbone, head) under ``stack_folds="shared"``, keyed by (outer folds
-    left out, pinned size choices) → {row-set name: rows to score}.
+def _shared_fits(folds: dict, proto, n_train: int) -> dict:
+    """Under ``stack_folds="shared"``, which fit serves each fold of one (backbone, head):
+    fold → (its outer model's key, {outer fold j: the key of the fit scoring j for its inner
+    out-of-fold scores}). A key is (outer folds left out, pinned size choices).
 
-    Outer fold f's model leaves out f (as in nested mode); its inner out-of-fold scores on
-    outer fold j come from the model leaving out f and j, fitted once for both f and j (when
-    the size choices pinned for f's and j's training sizes agree: always, but near svm-rbf's
-    switch). The test-split refit's inner models leave out one outer fold each: the outer
-    models themselves when the head makes no size choice."""
-    outer = {f: te for f, (_, te) in folds.items() if f != REFIT}
+    Outer fold f's model leaves out f (as in nested mode); its inner scores on outer fold j come
+    from the model leaving out f and j, the same fit for f and j (when the size choices pinned
+    for f's and j's training sizes agree: always, but near svm-rbf's switch). The test-split
+    refit's inner models leave out one outer fold each: the outer models themselves when the
+    head makes no size choice."""
+    outer = [f for f in folds if f != REFIT]
+    plan = {}
+    for f, (tr, _) in folds.items():
+        left = () if f == REFIT else (f,)
+        pins = tuple(sorted(size_pins(proto, n_train if f == REFIT else len(tr)).items()))
+        plan[f] = ((left, ()), {j: (tuple(sorted(set(left) | {j})), pins) for j in outer if j != f})
+    return plan
+
+
+def _shared_models(plan: dict, folds: dict) -> dict:
+    """The distinct fits of a :func:`_shared_fits` plan → {fold: rows to score}."""
     need: dict = {}
-    for f, (tr, te) in folds.items():
-        if f == REFIT:
-            need.setdefault(((), ()), {})[REFIT] = te
-            pins = tuple(sorted(size_pins(proto, n_train).items()))
-            for j, te_j in outer.items():
-                need.setdefault(((j,), pins), {})[j] = te_j
-            continue
-        need.setdefault(((f,), ()), {})[f] = te
-        pins = tuple(sorted(size_pins(proto, len(tr)).items()))
-        for j, te_j in outer.items():
-            if j != f:
-                need.setdefault((tuple(sorted((f, j))), pins), {})[j] = te_j
+    for f, (outer_key, inner) in plan.items():
+        need.setdefault(outer_key, {})[f] = folds[f][1]
+        for j, key in inner.items():
+            need.setdefault(key, {})[j] = folds[j][1]
     return need
 
 
-def _shared_base(done: dict, k: str, h: str, folds: dict, proto, n_train: int) -> dict:
+def _shared_base(done: dict, k: str, h: str, folds: dict, plan: dict) -> dict:
     """``_base``'s result for every fold of (k, h), assembled from the shared fits."""
     out = {}
-    outer = {f: te for f, (_, te) in folds.items() if f != REFIT}
     for f, (tr, te) in folds.items():
-        if f == REFIT:
-            model = done[("model", k, h, (), ())]
-            pins = tuple(sorted(size_pins(proto, n_train).items()))
-            inner = {j: done[("model", k, h, (j,), pins)] for j in outer}
-        else:
-            model = done[("model", k, h, (f,), ())]
-            pins = tuple(sorted(size_pins(proto, len(tr)).items()))
-            inner = {j: done[("model", k, h, tuple(sorted((f, j))), pins)] for j in outer if j != f}
+        outer_key, inner_keys = plan[f]
+        model = done[("model", k, h, *outer_key)]
+        inner = {j: done[("model", k, h, *key)] for j, key in inner_keys.items()}
         err = _first_error([model, *inner.values()])
         if err:
             out[f] = {"error": err}
             continue
-        first = next(iter(inner.values()))["scores"]
-        width = next(iter(first.values())).shape[1:]
-        oof = np.empty((len(tr),) + width, dtype=np.result_type(*(m["scores"][j] for j, m in inner.items())))
-        for j, m in inner.items():
-            oof[np.searchsorted(tr, outer[j])] = m["scores"][j]
+        parts = [m["scores"][j] for j, m in inner.items()]
+        oof = np.empty((len(tr),) + parts[0].shape[1:], dtype=np.result_type(*parts))
+        for j, part in zip(inner, parts):
+            oof[np.searchsorted(tr, folds[j][1])] = part
         out[f] = {"method": model["method"], "raw": model["scores"][f] if len(te) else None,
                   "pred": model["preds"][f], "oof": oof, "fit_s": model["fit_s"],
                   "oof_s": sum(m["fit_s"] for m in inner.values()), "n_fits": 0}
@@ -704,7 +704,8 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
     combined = [(s, fu) for s, fu in combos if specs[fu].bench_combine is not None]
     base_units = 1 + (cv if want_oof else 0)
     shared = stack_folds == "shared" and want_oof and want_base
-    models = {h: _shared_models(folds, protos[h], n_train) for h in head_list} if shared else {}
+    shared_plan = {h: _shared_fits(folds, protos[h], n_train) for h in head_list} if shared else {}
+    models = {h: _shared_models(shared_plan[h], folds) for h in shared_plan}
     if shared:
         plan = [(("model", k, h, left, pins), 1) for k in used for h in head_list for left, pins in models[h]]
     else:
@@ -737,8 +738,7 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
         done = _run_tasks(tasks, be, bar, scatter)
         for k in (used if shared else []):
             for h in head_list:
-                done.update({("base", k, h, f): v for f, v in _shared_base(done, k, h, folds, protos[h],
-                                                                          n_train).items()})
+                done.update({("base", k, h, f): v for f, v in _shared_base(done, k, h, folds, shared_plan[h]).items()})
         tasks = []
         for fu in dict.fromkeys(fu for _, fu in combined):
             for h in head_list:
@@ -748,9 +748,7 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
                         bar.drop(len(folds))  # the cell failed in a base fit: nothing to combine
                     else:
                         subsets.append(s)
-                for f, (tr, _) in folds.items():
-                    if not subsets:
-                        continue
+                for f, (tr, _) in (folds.items() if subsets else ()):
                     cells = {s: [done[("base", k, h, f)] for k in s] for s in subsets}
                     # kind (name, stage, width): one unit is one cell's meta-learner, whatever the group
                     beat = bar.heartbeat(f"{fu} with {h}, {_fold_name(f)} ({len(cells)} subsets)", len(cells),

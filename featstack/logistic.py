@@ -39,6 +39,8 @@ MAXCOR = 10
 """Correction pairs kept by L-BFGS-B: scipy's default, which scikit-learn keeps."""
 MAXFUN = 15000
 """Function evaluations before L-BFGS-B stops: scipy's default, which scikit-learn keeps."""
+FACTR = 64.0
+"""scipy's ``factr`` for scikit-learn's ``ftol=64 * eps`` (scipy divides ftol by eps)."""
 MAX_BATCH = 32
 """Problems solved side by side at most (a bench fold's stacks: one per backbone subset)."""
 MAX_BATCH_BYTES = 256 << 20
@@ -286,7 +288,7 @@ class _State:
         self.lsave = np.zeros(4, dtype=np.int32)
         self.isave = np.zeros(44, dtype=np.int32)
         self.dsave = np.zeros(29)
-        self.factr = (64 * np.finfo(float).eps) / np.finfo(float).eps  # scikit-learn's ftol
+        self.factr = FACTR
         self.pgtol, self.max_iter = tol, max_iter
         self.nit = self.nfev = 0
 

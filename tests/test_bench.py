@@ -432,18 +432,18 @@ def test_shared_stack_folds_pin_size_choices_per_training_size():
     """Near svm-rbf's exact/Nystroem switch, the test-split refit's inner models are not the
     outer models (those are pinned to the refit's size), and pair fits are pinned to their outer
     fold's training size."""
-    from featstack.bench import REFIT, _shared_models
+    from featstack.bench import REFIT, _shared_fits, _shared_models
     from featstack.solvers import RbfSVC
 
     y = np.arange(110) % 2
     outer = list(StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(110), y))
     folds = {f: (tr, te) for f, (tr, te) in enumerate(outer)}
     folds[REFIT] = (np.arange(110), 110 + np.arange(10))
-    plain = _shared_models(folds, create_head("logreg"), 110)
+    plain = _shared_models(_shared_fits(folds, create_head("logreg"), 110), folds)
     assert len(plain) == 10 + 5 + 1  # pairs, outer models (also the refit's inner models), refit
     assert plain[((2,), ())] == {2: folds[2][1]} and set(plain[((1, 3), ())]) == {1, 3}
     svm = Pipeline([("clf", RbfSVC(exact_below=100))])  # outer folds: 88 rows (exact), refit: 110
-    pinned = _shared_models(folds, svm, 110)
+    pinned = _shared_models(_shared_fits(folds, svm, 110), folds)
     assert len(pinned) == 10 + 5 + 5 + 1
     assert pinned[((1, 3), (("clf__exact_below", 89),))].keys() == {1, 3}
     assert pinned[((3,), (("clf__exact_below", 0),))] == {3: folds[3][1]}
