@@ -23,7 +23,10 @@ Then, for the heads given and the ``stack`` fusion over every subset of size >= 
   (c) floor: the base fits alone, which any stack grid must do: per (backbone, head, outer
       fold) the ``cv`` inner out-of-fold fits and the refit on the outer-training rows (and the
       same on all training rows when there is a test split), with the same heads, same threads
-      and ``--n-jobs`` workers, no predictions, no meta-learner, no scoring.
+      and ``--n-jobs`` workers (one task per dispatch, as the bench), no predictions, no
+      meta-learner, no scoring. Each head is fitted on its own, as ``head.fit`` does: the bench
+      fits a scaler that several heads start with once for them all, which is how it can come
+      in under this floor.
 
 ``--stack-folds shared`` runs (a) with featstack's shared inner folds (per outer fold, the other
 outer folds are the inner folds, so each inner fit serves two outer folds) and (b) with the same
@@ -121,7 +124,7 @@ def floor(cache, keys, heads, cv: int, seed: int, n_jobs: int) -> float:
         outer.append(np.arange(len(y)))
     t0 = time.perf_counter()
     with threadpool_limits(limits=1):
-        Parallel(n_jobs=n_jobs)(delayed(_floor_fits)(Xs[k][tr], y[tr], h, cv, seed)
+        Parallel(n_jobs=n_jobs, batch_size=1)(delayed(_floor_fits)(Xs[k][tr], y[tr], h, cv, seed)
                                 for k in keys for h in heads for tr in outer)
     return time.perf_counter() - t0
 

@@ -9,9 +9,9 @@ computes, once per (backbone, head, outer fold k):
 
 * the base head fitted on outer-train k, with its raw outputs on outer-test k (used by ``single``,
   by ``vote``: argmax of the mean of the blocks' probabilities, and by ``stack`` at prediction);
-* its inner out-of-fold scores on outer-train k (:func:`featstack.fusion.out_of_fold`, the same seeded
-  ``StratifiedKFold`` as :class:`featstack.fusion.StackClassifier`), from which ``stack`` fits its
-  meta-learner per subset.
+* its inner out-of-fold scores on outer-train k (what :func:`featstack.fusion.out_of_fold` computes:
+  the same seeded ``StratifiedKFold`` and size pins as :class:`featstack.fusion.StackClassifier`),
+  from which ``stack`` fits its meta-learner per subset.
 
 So ``stack``'s fold scores equal ``cross_validate(StackClassifier(head, dims, cv, random_state),
 X, y, cv=StratifiedKFold(cv, shuffle=True, random_state))`` exactly, while the number of base fits
@@ -22,9 +22,12 @@ but there is one per (subset, head, fold): all of one (head, fold)'s are fitted 
 by side (:func:`featstack.fusion.bench_stack_many`, :mod:`featstack.logistic`), which on small
 grids took the meta-learners from 60% to 20% of the base fits' time.
 
-All work goes through joblib at the outermost level (tasks = (backbone, head, fold), then
-(fusion, head, fold) over all subsets); ``backend="dask"`` runs the same tasks on a dask.distributed cluster through
-joblib's dask backend. This module (like the whole CPU side) never imports torch.
+All work goes through joblib at the outermost level (tasks = (backbone, fold) for the heads that
+start with the same scaler, fitted once for them all (:mod:`featstack.head_groups`; (backbone,
+head, fold) when that would leave too few tasks to keep the workers busy), then (fusion, head,
+fold) over all subsets), one task per dispatch (each is long enough to be worth one; joblib's
+automatic batching of short tasks can leave a worker idle at the end of a phase); ``backend="dask"`` runs the same tasks on a
+dask.distributed cluster through joblib's dask backend. This module (like the whole CPU side) never imports torch.
 """
 from __future__ import annotations
 
@@ -53,10 +56,11 @@ from .bench_progress import BenchProgress
 from .cache import Cache, open_cache, select_rows
 from .config import RANK_METRICS, STACK_FOLDS
 from .errors import BenchError, CacheError, CacheMismatchError, ConfigError, DataError
-from .fusion import (FUSION_SPECS, FusionSpec, aligned_scores, bench_sizes_hint, fusion_spec, list_fusions, out_of_fold,
+from .fusion import (FUSION_SPECS, FusionSpec, aligned_scores, bench_sizes_hint, fusion_spec, list_fusions,
                      stack_method,
                      stack_splitter)
-from .heads import HEADS, HeadSpec, create_head, head_spec, labels_from_decision, size_pins
+from .head_groups import first_step_key, fit_heads
+from .heads import HEADS, HeadSpec, create_head, head_spec, labels_from_decision, pin_size_choices, size_pins
 from .models import check_finite_features, check_training_classes, inner_folds, require_training_rows
 from .orphans import exit_with_parent, mark_parent
 
@@ -229,37 +233,115 @@ def _attempt(what: str, step, *args) -> dict:
             out = step(*args)
         except Exception as e:  # noqa: BLE001 - recorded as the failed cells' error
             return _failure(what, e)
-    out["warnings"] = sorted({f"{w.category.__name__}: {(str(w.message).splitlines() or [''])[0]}"
-                              for w in caught})
+    out["warnings"] = sorted(_warning_lines(caught))
     return out
 
 
-def _base_task(tag, src, y, train_idx, test_idx, proto, cv, random_state, need_oof, beat):
-    """One (backbone, head, fold): the base head on outer-train, its outputs on outer-test and,
-    for fusions that need them, its inner out-of-fold scores on outer-train."""
+def _base_task(tags, src, y, train_idx, test_idx, protos, cv, random_state, need_oof, beats):
+    """One (backbone, fold) for one or several heads (tags ("base", backbone, head, fold)): each
+    head on outer-train, its outputs on outer-test and, for fusions that need them, its inner
+    out-of-fold scores on outer-train. Heads with the same first step share its fits
+    (:mod:`featstack.head_groups`); each head succeeds or fails alone. Returns [(tag, result)]."""
     X = _resolve(src)  # outside the attempt: a cache that cannot be read fails the bench, not a cell
-    beat.start()
+    for beat in beats:
+        beat.start()
     with _one_thread():
-        return tag, _attempt(f"{tag[2]} on {tag[1]}, {_fold_name(tag[3])}", _base, X, y, train_idx, test_idx,
-                             proto, cv, random_state, need_oof, beat)
+        return _base_group(tags, X, y, train_idx, test_idx, protos, cv, random_state, need_oof, beats)
 
 
-def _base(X, y, train_idx, test_idx, proto, cv, random_state, need_oof, beat):
-    method = stack_method(proto)
-    Xtr, ytr, Xte = X[train_idx], y[train_idx], X[test_idx]
-    t0 = time.perf_counter()
-    est = clone(proto).fit(Xtr, ytr)
-    fit_s = time.perf_counter() - t0
-    raw = getattr(est, method)(Xte) if len(Xte) else None
-    pred = _labels(est, method, raw, Xte) if len(Xte) else np.empty(0, dtype=ytr.dtype)
-    beat.fit(time.perf_counter() - t0)
-    oof, oof_s = None, 0.0
+def _base_group(tags, X, y, train_idx, test_idx, protos, cv, random_state, need_oof, beats) -> list:
+    heads, beat_of = dict(zip(tags, protos)), dict(zip(tags, beats))
+    caught = {tag: set() for tag in tags}
+    watch = _warnings_into(caught)
+    failed: dict = {}
+    res = {tag: {"method": stack_method(heads[tag]), "oof": None, "oof_s": 0.0,
+                 "n_fits": 1 + (cv if need_oof else 0)} for tag in tags}
+
+    def each(fits: dict, use) -> None:  # per head its fit, then `use` (scoring); the first error fails it
+        for tag, fitted in fits.items():
+            if isinstance(fitted, Exception):
+                failed[tag] = fitted
+                continue
+            t0 = time.perf_counter()
+            try:
+                with watch([tag]):
+                    use(tag, fitted)
+            except Exception as exc:  # noqa: BLE001 - recorded as this head's failure
+                failed[tag] = exc
+                continue
+            beat_of[tag].fit(fitted.seconds + time.perf_counter() - t0)
+
+    def outer(tag, fitted) -> None:
+        r, method = res[tag], res[tag]["method"]
+        r["raw"] = getattr(fitted.final, method)(fitted.X_score) if len(test_idx) else None
+        r["pred"] = (_labels(fitted.final, method, r["raw"], fitted.X_score) if len(test_idx)
+                     else np.empty(0, dtype=y.dtype))
+        r["fit_s"] = fitted.seconds
+
+    each(fit_heads(heads, X, y, train_idx, test_idx, watch), outer)
     if need_oof:
-        t0 = time.perf_counter()
-        oof = out_of_fold(proto, Xtr, ytr, cv, random_state, n_jobs=1, on_fit=beat.fit)
-        oof_s = time.perf_counter() - t0
-    return {"method": method, "raw": raw, "pred": pred, "oof": oof, "fit_s": fit_s,
-            "oof_s": oof_s, "n_fits": 1 + (cv if need_oof else 0)}
+        ytr = y[train_idx]
+        classes = np.unique(ytr)
+        pinned = {tag: pin_size_choices(clone(p), len(train_idx)) for tag, p in heads.items()}
+        for a, b in stack_splitter(cv, random_state).split(np.zeros((len(ytr), 1)), ytr):
+            def inner(tag, fitted, b=b) -> None:
+                t0 = time.perf_counter()
+                scores = aligned_scores(fitted.final, res[tag]["method"], fitted.X_score, classes)
+                r = res[tag]
+                if r["oof"] is None:
+                    r["oof"] = np.empty((len(ytr),) + scores.shape[1:], dtype=scores.dtype)
+                r["oof"][b] = scores
+                r["oof_s"] += fitted.seconds + time.perf_counter() - t0
+
+            live = {tag: p for tag, p in pinned.items() if tag not in failed}
+            each(fit_heads(live, X, y, train_idx[a], train_idx[b], watch), inner)
+    names = {tag: f"{tag[2]} on {tag[1]}, {_fold_name(tag[3])}" for tag in tags}
+    return [(tag, _failure(names[tag], failed[tag]) if tag in failed else res[tag] | {"warnings": sorted(caught[tag])})
+            for tag in tags]
+
+
+GROUP_TASKS_PER_WORKER = 4
+"""Heads share a base task only when that leaves at least this many tasks per worker."""
+
+
+def _head_groups(protos: dict, n_slots: int, workers: int) -> list[tuple[str, ...]]:
+    """Which heads one base task fits together, per (backbone, fold): the heads whose first
+    steps are equal (:func:`featstack.head_groups.first_step_key`: one scaler fit serves them
+    all), when the ``n_slots`` (backbone, fold) pairs are enough tasks to keep ``workers``
+    busy (:data:`GROUP_TASKS_PER_WORKER` each); otherwise, and for the other heads, one head
+    per task (fewer, longer tasks would leave workers idle at the end)."""
+    if n_slots < GROUP_TASKS_PER_WORKER * max(1, workers):
+        return [(h,) for h in protos]
+    groups: dict = {}
+    for h, proto in protos.items():
+        key = first_step_key(proto)
+        groups.setdefault(h if key is None else key, []).append(h)
+    return [tuple(hs) for hs in groups.values()]
+
+
+def _warnings_into(caught: dict):
+    """A ``watch`` for :func:`featstack.head_groups.fit_heads`: the warnings raised inside go,
+    as "Category: message" lines, into ``caught[name]`` of each name given. Only in a process's
+    main thread (see :func:`_attempt`)."""
+    capture = threading.current_thread() is threading.main_thread()
+
+    @contextlib.contextmanager
+    def watch(names: list):
+        if not capture:
+            yield
+            return
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            yield
+        lines = _warning_lines(got)
+        for name in names:
+            caught[name].update(lines)
+
+    return watch
+
+
+def _warning_lines(caught) -> set[str]:
+    return {f"{w.category.__name__}: {(str(w.message).splitlines() or [''])[0]}" for w in caught}
 
 
 def _labels(est, method: str, scores: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -276,8 +358,8 @@ def _model_task(tag, src, y, train_idx, score_on, proto, classes, beat):
     X = _resolve(src)
     beat.start()
     with _one_thread():
-        return tag, _attempt(f"{tag[2]} on {tag[1]}, {_model_name(tag[3])}", _model, X, y, train_idx, score_on,
-                             proto, tag[4], classes, beat)
+        return [(tag, _attempt(f"{tag[2]} on {tag[1]}, {_model_name(tag[3])}", _model, X, y, train_idx, score_on,
+                              proto, tag[4], classes, beat))]
 
 
 def _model(X, y, train_idx, score_on, proto, pins, classes, beat):
@@ -358,8 +440,8 @@ def _fit_task(tag, srcs, y, train_idx, test_idx, proto, beat):
     X = np.hstack([_resolve(s) for s in srcs])
     beat.start()
     with _one_thread():
-        return tag, _attempt(f"{tag[1]} of {'+'.join(tag[2])} with {tag[3]}, {_fold_name(tag[4])}", _fit,
-                             X, y, train_idx, test_idx, proto, beat)
+        return [(tag, _attempt(f"{tag[1]} of {'+'.join(tag[2])} with {tag[3]}, {_fold_name(tag[4])}", _fit,
+                              X, y, train_idx, test_idx, proto, beat))]
 
 
 def _fit(X, y, train_idx, test_idx, proto, beat):
@@ -390,7 +472,7 @@ def _combine_task(tag, combine, combine_many, cells, ytr, n_classes, random_stat
             if group.get("warnings") and got:
                 first = next(iter(got.values()))
                 first["warnings"] = sorted(set(first.get("warnings", [])) | set(group["warnings"]))
-    return tag, {"cells": got, "fit_s": sum(v.get("fit_s", 0.0) for v in got.values())}
+    return [(tag, {"cells": got, "fit_s": sum(v.get("fit_s", 0.0) for v in got.values())})]
 
 
 def _cells_of_groups(groups: dict, folds: dict) -> dict:
@@ -562,16 +644,17 @@ class _Backend:
 
 
 def _run_tasks(tasks: list, backend: _Backend, bar: BenchProgress, scatter: list | None = None) -> dict:
-    """Run (heartbeat, delayed call returning (tag, result)) tasks through joblib; the bar hears
-    of each result (and, through the heartbeats, of each fit before that)."""
+    """Run ({tag: heartbeat}, delayed call returning [(tag, result)]) tasks through joblib; the
+    bar hears of each result (and, through the heartbeats, of each fit before that)."""
     if not tasks:
         return {}
-    beats = {call[1][0]: beat for beat, call in tasks}  # a delayed call is (function, args, kwargs)
+    beats = {tag: beat for task_beats, _ in tasks for tag, beat in task_beats.items()}
     out = {}
     with backend.config(scatter):  # loky, threading and dask all support generators
-        for tag, value in Parallel(return_as="generator_unordered")(call for _, call in tasks):
-            out[tag] = value
-            bar.finish(beats[tag], _task_seconds(value))
+        for pairs in Parallel(return_as="generator_unordered", batch_size=1)(call for _, call in tasks):
+            for tag, value in pairs:
+                out[tag] = value
+                bar.finish(beats[tag], _task_seconds(value))
     return out
 
 
@@ -709,7 +792,8 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
     if shared:
         plan = [(("model", k, h, left, pins), 1) for k in used for h in head_list for left, pins in models[h]]
     else:
-        plan = [(("base", k, h, f), base_units) for k in (used if want_base else []) for h in head_list
+        together = _head_groups(protos, len(used) * len(folds), be.workers)
+        plan = [(("base", k, hs, f), base_units * len(hs)) for k in (used if want_base else []) for hs in together
                 for f in folds]
     plan += [(("fit", fu, s, h, f), 1) for s, fu in combos if specs[fu].bench_combine is None
              for h in head_list for f in folds]
@@ -721,20 +805,21 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
                 _, k, h, left, pins = tag
                 rows = np.setdiff1d(np.arange(n_train), np.concatenate([folds[f][1] for f in left] or [[]]))
                 beat = bar.heartbeat(f"{h} on {k}, {_model_name(left)}", 1, (h, "base", dims[k]), dims[k])
-                tasks.append((beat, delayed(_model_task)(tag, srcs[k], y, rows, models[h][(left, pins)], protos[h],
-                                                         np.arange(len(classes)), beat)))
+                tasks.append(({tag: beat}, delayed(_model_task)(tag, srcs[k], y, rows, models[h][(left, pins)],
+                                                                protos[h], np.arange(len(classes)), beat)))
             elif tag[0] == "base":
-                _, k, h, f = tag
-                beat = bar.heartbeat(f"{h} on {k}, {_fold_name(f)}", units, (h, "base", dims[k]), dims[k])
-                tasks.append((beat, delayed(_base_task)(tag, srcs[k], y, *folds[f], protos[h], cv, random_state,
-                                                        want_oof, beat)))
+                _, k, hs, f = tag
+                beats = {("base", k, h, f): bar.heartbeat(f"{h} on {k}, {_fold_name(f)}", base_units,
+                                                          (h, "base", dims[k]), dims[k]) for h in hs}
+                tasks.append((beats, delayed(_base_task)(list(beats), srcs[k], y, *folds[f], [protos[h] for h in hs],
+                                                         cv, random_state, want_oof, list(beats.values()))))
             else:
                 _, fu, s, h, f = tag
                 width = sum(dims[k] for k in s)
                 beat = bar.heartbeat(f"{fu} of {'+'.join(s)} with {h}, {_fold_name(f)}", 1, (h, fu, width), width)
                 est = specs[fu].build(h, tuple(dims[k] for k in s), cv=cv, random_state=random_state, tune=tune,
                                       n_jobs=None)
-                tasks.append((beat, delayed(_fit_task)(tag, [srcs[k] for k in s], y, *folds[f], est, beat)))
+                tasks.append(({tag: beat}, delayed(_fit_task)(tag, [srcs[k] for k in s], y, *folds[f], est, beat)))
         done = _run_tasks(tasks, be, bar, scatter)
         for k in (used if shared else []):
             for h in head_list:
@@ -753,9 +838,10 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
                     # kind (name, stage, width): one unit is one cell's meta-learner, whatever the group
                     beat = bar.heartbeat(f"{fu} with {h}, {_fold_name(f)} ({len(cells)} subsets)", len(cells),
                                          (f"meta {h}", fu, 1), 1)
-                    tasks.append((beat, delayed(_combine_task)(("combine", fu, h, f), specs[fu].bench_combine,
-                                                               specs[fu].bench_combine_many, cells, y[tr],
-                                                               len(classes), random_state, beat)))
+                    tag = ("combine", fu, h, f)
+                    tasks.append(({tag: beat}, delayed(_combine_task)(tag, specs[fu].bench_combine,
+                                                                      specs[fu].bench_combine_many, cells, y[tr],
+                                                                      len(classes), random_state, beat)))
         done.update(_cells_of_groups(_run_tasks(tasks, be, bar), folds))
 
     # Scores

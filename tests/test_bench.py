@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from sklearn.model_selection import StratifiedKFold, cross_validate
+from sklearn.linear_model import LogisticRegression
+from sklearn.naive_bayes import GaussianNB
 from sklearn.pipeline import Pipeline
 
 from conftest import REPO, write_image_folder
@@ -24,6 +26,7 @@ from featstack.cli import main as cli_main
 from featstack.errors import CacheError, ConfigError, DataError
 from featstack.fusion import StackClassifier, VoteClassifier, build_model
 from featstack.heads import create_head
+from featstack.solvers import LbfgsLinearSVC
 
 CV = 3
 
@@ -183,22 +186,23 @@ def test_stack_and_vote_equal_plain_estimators(tmp_path, n_classes):
         assert row["test_accuracy"] == test_acc
 
 
-def _count_pipeline_fits(monkeypatch) -> list:
-    """Count every head fit (heads are Pipelines; the meta-learner is not)."""
+def _count_head_fits(monkeypatch) -> list:
+    """Count every fit of the classifiers at the end of the logreg, gaussian-nb and linear-svm
+    heads (whether through ``Pipeline.fit`` or after a first step shared between heads; the
+    stack meta-learners take :mod:`featstack.logistic`'s path, not ``LogisticRegression.fit``)."""
     calls = []
-    original = Pipeline.fit
+    for cls in (LogisticRegression, GaussianNB, LbfgsLinearSVC):
+        def fit(self, X, y=None, _original=cls.fit, **kw):
+            calls.append(X.shape)
+            return _original(self, X, y, **kw)
 
-    def fit(self, X, y=None, **kw):
-        calls.append(X.shape)
-        return original(self, X, y, **kw)
-
-    monkeypatch.setattr(Pipeline, "fit", fit)
+        monkeypatch.setattr(cls, "fit", fit)
     return calls
 
 
 def test_base_fits_grow_with_backbones_not_subsets(tmp_path, monkeypatch):
     cache = make_cache(tmp_path / "x.h5", dims=(4, 3, 3, 2), n_train=45, n_test=9)
-    calls = _count_pipeline_fits(monkeypatch)
+    calls = _count_head_fits(monkeypatch)
     heads = ["logreg", "gaussian-nb"]
     k, h = 4, len(heads)
     expected = k * h * CV * (CV + 1) + k * h * (CV + 1)  # outer folds + the test-split refit
@@ -397,7 +401,7 @@ def test_shared_stack_folds_are_the_other_outer_folds(tmp_path, n_classes, monke
     is exactly the model `featstack train --fusion stack` fits; about half the base fits."""
     cache = make_cache(tmp_path / "x.h5", dims=(5, 4, 3), n_classes=n_classes, seed=n_classes, n_train=75)
     cv, heads = 5, ["gaussian-nb", "linear-svm", "logreg"]
-    calls = _count_pipeline_fits(monkeypatch)
+    calls = _count_head_fits(monkeypatch)
     nested = run_bench(cache, heads=heads, fusions=["single", "vote", "stack"], max_size=3, cv=cv, progress=False)
     n_nested = len(calls)
     calls.clear()
