@@ -127,18 +127,19 @@ def stack_splitter(cv: int, random_state: int | None) -> StratifiedKFold:
 
 
 def out_of_fold(head: BaseEstimator, X: np.ndarray, y: np.ndarray, cv: int, random_state: int | None,
-                n_jobs: int | None = None, on_fit: Callable[[float], None] | None = None) -> np.ndarray:
+                n_jobs: int | None = None) -> np.ndarray:
     """Raw out-of-fold outputs (``stack_method``) of clones of ``head`` on ``cv`` seeded folds,
     each the same kind of model as ``head`` fitted on all of X (:func:`pin_size_choices`).
 
-    The one implementation for :class:`StackClassifier` and the bench (what
-    ``cross_val_predict`` computes, fold by fold): ``on_fit(seconds)`` hears of each fold's fit
-    and scoring, which is how the bench's progress bar moves during a long stack cell."""
+    What ``cross_val_predict`` computes, fold by fold; :class:`StackClassifier` uses it, and the
+    bench computes the same scores on the same folds and pins for several heads at once (their
+    shared scaler fitted once: :mod:`featstack.head_groups`; ``tests/test_bench.py`` compares
+    its stacks with this estimator's)."""
     proto = pin_size_choices(clone(head), len(X))
     method = stack_method(head)
     classes = np.unique(y)
     folds = list(stack_splitter(cv, random_state).split(X, y))
-    parts = Parallel(n_jobs=n_jobs)(delayed(_fold_scores)(proto, method, X, y, tr, te, classes, on_fit)
+    parts = Parallel(n_jobs=n_jobs)(delayed(_fold_scores)(proto, method, X, y, tr, te, classes)
                                     for tr, te in folds)
     oof = np.empty((len(y),) + parts[0].shape[1:], dtype=parts[0].dtype)
     for (_, te), scores in zip(folds, parts):
@@ -146,15 +147,9 @@ def out_of_fold(head: BaseEstimator, X: np.ndarray, y: np.ndarray, cv: int, rand
     return oof
 
 
-def _fold_scores(proto, method: str, X, y, tr, te, classes, on_fit) -> np.ndarray:
-    import time
-
-    t0 = time.perf_counter()
+def _fold_scores(proto, method: str, X, y, tr, te, classes) -> np.ndarray:
     est = clone(proto).fit(X[tr], y[tr])
-    scores = aligned_scores(est, method, X[te], classes)
-    if on_fit is not None:
-        on_fit(time.perf_counter() - t0)
-    return scores
+    return aligned_scores(est, method, X[te], classes)
 
 
 def aligned_scores(est, method: str, X: np.ndarray, classes: np.ndarray) -> np.ndarray:
