@@ -254,8 +254,7 @@ def _base_group(tags, X, y, train_idx, test_idx, protos, cv, random_state, need_
     caught = {tag: set() for tag in tags}
     watch = _warnings_into(caught)
     failed: dict = {}
-    res = {tag: {"method": stack_method(heads[tag]), "oof": None, "oof_s": 0.0,
-                 "n_fits": 1 + (cv if need_oof else 0)} for tag in tags}
+    res = {tag: {"oof": None, "oof_s": 0.0, "n_fits": 1 + (cv if need_oof else 0)} for tag in tags}
 
     def each(fits: dict, use) -> None:  # per head its fit, then `use` (scoring); the first error fails it
         for tag, fitted in fits.items():
@@ -272,7 +271,8 @@ def _base_group(tags, X, y, train_idx, test_idx, protos, cv, random_state, need_
             beat_of[tag].fit(fitted.seconds + time.perf_counter() - t0)
 
     def outer(tag, fitted) -> None:
-        r, method = res[tag], res[tag]["method"]
+        r = res[tag]
+        r["method"] = method = stack_method(heads[tag])  # a head without scores fails here, alone
         r["raw"] = getattr(fitted.final, method)(fitted.X_score) if len(test_idx) else None
         r["pred"] = (_labels(fitted.final, method, r["raw"], fitted.X_score) if len(test_idx)
                      else np.empty(0, dtype=y.dtype))

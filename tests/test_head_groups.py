@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -167,3 +167,31 @@ def test_grouped_heads_keep_their_own_warnings_and_failures(tmp_path):
     assert {s for (_, h, _), s in status.items() if h != "fails-together"} == {"ok"}
     err = next(r["error"] for r in res.rows if r["head"] == "fails-together")
     assert err.startswith("fails-together on ") and "C" in err
+
+
+class _PredictOnly(ClassifierMixin, BaseEstimator):
+    """A classifier with labels but no scores: it cannot be stacked or voted."""
+
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        return self
+
+    def predict(self, X):
+        return np.full(len(X), self.classes_[0])
+
+
+def test_a_head_without_scores_fails_its_cells_alone_in_a_shared_task(tmp_path):
+    cache = make_cache(tmp_path / "x.h5", dims=(4, 3), n_classes=3, n_train=45, n_test=9)
+    register_head("labels-only", lambda seed: make_pipeline(StandardScaler(), _PredictOnly()))
+    try:
+        assert bench._head_groups({h: create_head(h) for h in ("labels-only", "gaussian-nb")}, 8, 1) == [
+            ("labels-only", "gaussian-nb")]
+        res = run_bench(cache, heads=["labels-only", "gaussian-nb"], fusions=["single", "stack"], max_size=2, cv=3,
+                        n_jobs=1, progress=False)
+    finally:
+        HEADS.pop("labels-only")
+    for r in res.rows:
+        if r["head"] == "labels-only":
+            assert r["status"] == "failed" and "neither predict_proba nor decision_function" in r["error"], r
+        else:
+            assert r["status"] == "ok", r
