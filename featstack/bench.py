@@ -24,8 +24,9 @@ grids took the meta-learners from 60% to 20% of the base fits' time.
 
 All work goes through joblib at the outermost level (tasks = (backbone, fold) for the heads that
 start with the same scaler, fitted once for them all (:mod:`featstack.head_groups`; (backbone,
-head, fold) when that would leave too few tasks to keep the workers busy), then (fusion, head,
-fold) over all subsets), one task per dispatch (each is long enough to be worth one; joblib's
+head, fold) when that would leave too few tasks to keep the workers busy; under
+``stack_folds="shared"``, one task per shared fit for those heads), then (fusion, head, fold)
+over all subsets), one task per dispatch (each is long enough to be worth one; joblib's
 automatic batching of short tasks can leave a worker idle at the end of a phase); ``backend="dask"`` runs the same tasks on a
 dask.distributed cluster through joblib's dask backend. This module (like the whole CPU side) never imports torch.
 """
@@ -250,35 +251,18 @@ def _base_task(tags, src, y, train_idx, test_idx, protos, cv, random_state, need
 
 
 def _base_group(tags, X, y, train_idx, test_idx, protos, cv, random_state, need_oof, beats) -> list:
-    heads, beat_of = dict(zip(tags, protos)), dict(zip(tags, beats))
-    caught = {tag: set() for tag in tags}
-    watch = _warnings_into(caught)
-    failed: dict = {}
+    heads = dict(zip(tags, protos))
+    run = _HeadRuns(tags, beats)
     res = {tag: {"oof": None, "oof_s": 0.0, "n_fits": 1 + (cv if need_oof else 0)} for tag in tags}
 
-    def each(fits: dict, use) -> None:  # per head its fit, then `use` (scoring); the first error fails it
-        for tag, fitted in fits.items():
-            if isinstance(fitted, Exception):
-                failed[tag] = fitted
-                continue
-            t0 = time.perf_counter()
-            try:
-                with watch([tag]):
-                    use(tag, fitted)
-            except Exception as exc:  # noqa: BLE001 - recorded as this head's failure
-                failed[tag] = exc
-                continue
-            beat_of[tag].fit(fitted.seconds + time.perf_counter() - t0)
-
     def outer(tag, fitted) -> None:
-        r = res[tag]
+        r, Xs = res[tag], fitted.X_score["test"]
         r["method"] = method = stack_method(heads[tag])  # a head without scores fails here, alone
-        r["raw"] = getattr(fitted.final, method)(fitted.X_score) if len(test_idx) else None
-        r["pred"] = (_labels(fitted.final, method, r["raw"], fitted.X_score) if len(test_idx)
-                     else np.empty(0, dtype=y.dtype))
+        r["raw"] = getattr(fitted.final, method)(Xs) if len(test_idx) else None
+        r["pred"] = _labels(fitted.final, method, r["raw"], Xs) if len(test_idx) else np.empty(0, dtype=y.dtype)
         r["fit_s"] = fitted.seconds
 
-    each(fit_heads(heads, X, y, train_idx, test_idx, watch), outer)
+    run.each(fit_heads(heads, X, y, train_idx, {"test": test_idx}, run.watch), outer)
     if need_oof:
         ytr = y[train_idx]
         classes = np.unique(ytr)
@@ -286,18 +270,62 @@ def _base_group(tags, X, y, train_idx, test_idx, protos, cv, random_state, need_
         for a, b in stack_splitter(cv, random_state).split(np.zeros((len(ytr), 1)), ytr):
             def inner(tag, fitted, b=b) -> None:
                 t0 = time.perf_counter()
-                scores = aligned_scores(fitted.final, res[tag]["method"], fitted.X_score, classes)
+                scores = aligned_scores(fitted.final, res[tag]["method"], fitted.X_score["held"], classes)
                 r = res[tag]
                 if r["oof"] is None:
                     r["oof"] = np.empty((len(ytr),) + scores.shape[1:], dtype=scores.dtype)
                 r["oof"][b] = scores
                 r["oof_s"] += fitted.seconds + time.perf_counter() - t0
 
-            live = {tag: p for tag, p in pinned.items() if tag not in failed}
-            each(fit_heads(live, X, y, train_idx[a], train_idx[b], watch), inner)
-    names = {tag: f"{tag[2]} on {tag[1]}, {_fold_name(tag[3])}" for tag in tags}
-    return [(tag, _failure(names[tag], failed[tag]) if tag in failed else res[tag] | {"warnings": sorted(caught[tag])})
-            for tag in tags]
+            live = {tag: p for tag, p in pinned.items() if tag not in run.failed}
+            run.each(fit_heads(live, X, y, train_idx[a], {"held": train_idx[b]}, run.watch), inner)
+    return run.results(res, lambda tag: f"{tag[2]} on {tag[1]}, {_fold_name(tag[3])}")
+
+
+class _HeadRuns:
+    """The heads of one grouped task, each succeeding or failing alone: per head its warnings
+    (recorded only in a process's main thread, see :func:`_attempt`), its first error, and its
+    heartbeat, which hears of each of its fits."""
+
+    def __init__(self, tags: list, beats: list):
+        self.beat_of = dict(zip(tags, beats))
+        self.caught = {tag: set() for tag in tags}
+        self.failed: dict = {}
+        self.capture = threading.current_thread() is threading.main_thread()
+
+    @contextlib.contextmanager
+    def watch(self, names: list):
+        """Record the warnings raised inside for each of ``names`` (``fit_heads``'s ``watch``)."""
+        if not self.capture:
+            yield
+            return
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            yield
+        lines = _warning_lines(got)
+        for name in names:
+            self.caught[name].update(lines)
+
+    def each(self, fits: dict, use) -> None:
+        """``use(tag, fitted)`` (scoring) for every head whose fit succeeded; a fit's or a use's
+        exception fails that head, and the heartbeat hears of the fit when it is used."""
+        for tag, fitted in fits.items():
+            if isinstance(fitted, Exception):
+                self.failed[tag] = fitted
+                continue
+            t0 = time.perf_counter()
+            try:
+                with self.watch([tag]):
+                    use(tag, fitted)
+            except Exception as exc:  # noqa: BLE001 - recorded as this head's failure
+                self.failed[tag] = exc
+                continue
+            self.beat_of[tag].fit(fitted.seconds + time.perf_counter() - t0)
+
+    def results(self, res: dict, name_of) -> list:
+        """[(tag, its result with its warnings, or its failure named by ``name_of(tag)``)]."""
+        return [(tag, _failure(name_of(tag), self.failed[tag]) if tag in self.failed
+                 else res[tag] | {"warnings": sorted(self.caught[tag])}) for tag in self.beat_of]
 
 
 GROUP_TASKS_PER_WORKER = 4
@@ -319,27 +347,6 @@ def _head_groups(protos: dict, n_slots: int, workers: int) -> list[tuple[str, ..
     return [tuple(hs) for hs in groups.values()]
 
 
-def _warnings_into(caught: dict):
-    """A ``watch`` for :func:`featstack.head_groups.fit_heads`: the warnings raised inside go,
-    as "Category: message" lines, into ``caught[name]`` of each name given. Only in a process's
-    main thread (see :func:`_attempt`)."""
-    capture = threading.current_thread() is threading.main_thread()
-
-    @contextlib.contextmanager
-    def watch(names: list):
-        if not capture:
-            yield
-            return
-        with warnings.catch_warnings(record=True) as got:
-            warnings.simplefilter("always")
-            yield
-        lines = _warning_lines(got)
-        for name in names:
-            caught[name].update(lines)
-
-    return watch
-
-
 def _warning_lines(caught) -> set[str]:
     return {f"{w.category.__name__}: {(str(w.message).splitlines() or [''])[0]}" for w in caught}
 
@@ -351,30 +358,33 @@ def _labels(est, method: str, scores: np.ndarray, X: np.ndarray) -> np.ndarray:
     return est.predict(X) if pred is None else pred
 
 
-def _model_task(tag, src, y, train_idx, score_on, proto, classes, beat):
-    """One shared fit (``stack_folds="shared"``): the head on ``train_idx``, scored (stack
-    method, one column per class) on each named row set of ``score_on``; an outer model (no
-    pinned size choices, at most one fold left out) also predicts their labels."""
+def _model_task(tags, src, y, train_idx, score_on, protos, classes, beats):
+    """One shared fit (``stack_folds="shared"``) for one or several heads (tags ("model",
+    backbone, head, outer folds left out, pinned size choices)): each head on ``train_idx``,
+    scored (stack method, one column per class) on each named row set of ``score_on``; an
+    outer model (no pinned size choices, at most one fold left out) also predicts their labels.
+    Heads with the same first step share its fit, as in :func:`_base_task`."""
     X = _resolve(src)
-    beat.start()
+    for beat in beats:
+        beat.start()
     with _one_thread():
-        return [(tag, _attempt(f"{tag[2]} on {tag[1]}, {_model_name(tag[3])}", _model, X, y, train_idx, score_on,
-                              proto, tag[4], classes, beat))]
+        return _model_group(tags, X, y, train_idx, score_on, protos, classes, beats)
 
 
-def _model(X, y, train_idx, score_on, proto, pins, classes, beat):
-    method = stack_method(proto)
-    est = clone(proto).set_params(**dict(pins)) if pins else clone(proto)
-    t0 = time.perf_counter()
-    est.fit(X[train_idx], y[train_idx])
-    fit_s = time.perf_counter() - t0
-    scores, preds = {}, {}
-    for name, idx in score_on.items():
-        scores[name] = aligned_scores(est, method, X[idx], classes)
-        if not pins:
-            preds[name] = _labels(est, method, scores[name], X[idx])
-    beat.fit(time.perf_counter() - t0)
-    return {"method": method, "scores": scores, "preds": preds, "fit_s": fit_s, "n_fits": 1}
+def _model_group(tags, X, y, train_idx, score_on, protos, classes, beats) -> list:
+    heads = {tag: clone(p).set_params(**dict(tag[4])) if tag[4] else p for tag, p in zip(tags, protos)}
+    run = _HeadRuns(tags, beats)
+    res = {}
+
+    def scored(tag, fitted) -> None:
+        method = stack_method(heads[tag])
+        scores = {name: aligned_scores(fitted.final, method, Xs, classes) for name, Xs in fitted.X_score.items()}
+        preds = {} if tag[4] else {name: _labels(fitted.final, method, scores[name], Xs)
+                                   for name, Xs in fitted.X_score.items()}
+        res[tag] = {"method": method, "scores": scores, "preds": preds, "fit_s": fitted.seconds, "n_fits": 1}
+
+    run.each(fit_heads(heads, X, y, train_idx, score_on, run.watch), scored)
+    return run.results(res, lambda tag: f"{tag[2]} on {tag[1]}, {_model_name(tag[3])}")
 
 
 def _model_name(left_out: tuple) -> str:
@@ -790,7 +800,18 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
     shared_plan = {h: _shared_fits(folds, protos[h], n_train) for h in head_list} if shared else {}
     models = {h: _shared_models(shared_plan[h], folds) for h in shared_plan}
     if shared:
-        plan = [(("model", k, h, left, pins), 1) for k in used for h in head_list for left, pins in models[h]]
+        slots: dict = {}  # (folds left out, folds scored) -> [(head, pins)]: fits on the same rows, scoring the same rows
+        for h in head_list:
+            for (left, pins), score_on in models[h].items():
+                slots.setdefault((left, frozenset(score_on)), []).append((h, pins))
+        together = _head_groups(protos, len(used) * len(slots), be.workers)
+        plan = []
+        for k in used:
+            for (left, _), members in slots.items():
+                for hs in together:
+                    group = tuple((h, pins) for h, pins in members if h in hs)
+                    if group:
+                        plan.append((("models", k, left, group), len(group)))
     else:
         together = _head_groups(protos, len(used) * len(folds), be.workers)
         plan = [(("base", k, hs, f), base_units * len(hs)) for k in (used if want_base else []) for hs in together
@@ -801,12 +822,16 @@ def _run(cache, be, keys, head_list, fusion_list, subsets, combos, max_size, cv,
     with BenchProgress(total, be.workers, enabled=progress) as bar:
         tasks = []
         for tag, units in plan:
-            if tag[0] == "model":
-                _, k, h, left, pins = tag
+            if tag[0] == "models":
+                _, k, left, group = tag
                 rows = np.setdiff1d(np.arange(n_train), np.concatenate([folds[f][1] for f in left] or [[]]))
-                beat = bar.heartbeat(f"{h} on {k}, {_model_name(left)}", 1, (h, "base", dims[k]), dims[k])
-                tasks.append(({tag: beat}, delayed(_model_task)(tag, srcs[k], y, rows, models[h][(left, pins)],
-                                                                protos[h], np.arange(len(classes)), beat)))
+                beats = {("model", k, h, left, pins): bar.heartbeat(f"{h} on {k}, {_model_name(left)}", 1,
+                                                                    (h, "base", dims[k]), dims[k])
+                         for h, pins in group}
+                score_on = models[group[0][0]][(left, group[0][1])]
+                tasks.append((beats, delayed(_model_task)(list(beats), srcs[k], y, rows, score_on,
+                                                          [protos[h] for h, _ in group], np.arange(len(classes)),
+                                                          list(beats.values()))))
             elif tag[0] == "base":
                 _, k, hs, f = tag
                 beats = {("base", k, h, f): bar.heartbeat(f"{h} on {k}, {_fold_name(f)}", base_units,

@@ -56,22 +56,25 @@ def _plain(value) -> bool:
 @dataclass
 class FittedHead:
     """One head fitted on a row set: ``model`` is the fitted head as ``head.fit`` returns it;
-    ``final`` (its last step when the first was shared, else ``model``) applied to ``X_score``
-    gives ``model``'s outputs on the rows to score; ``seconds``: what fitting it alone costs
-    (the shared step's fit counted in full)."""
+    ``final`` (its last step when the first was shared, else ``model``) applied to
+    ``X_score[name]`` gives ``model``'s outputs on the rows ``score_on[name]``; ``seconds``:
+    what fitting it alone costs (the shared step's fit and transforms counted in full)."""
 
     model: BaseEstimator
     final: BaseEstimator
-    X_score: np.ndarray
+    X_score: dict
     seconds: float
 
 
 def fit_heads(heads: Mapping[Hashable, BaseEstimator], X: np.ndarray, y: np.ndarray, fit_rows: np.ndarray,
-              score_rows: np.ndarray, watch: Callable[[list], ContextManager] | None = None) -> dict:
+              score_on: Mapping[Hashable, np.ndarray],
+              watch: Callable[[list], ContextManager] | None = None) -> dict:
     """Fit a clone of every head on ``X[fit_rows]``; per head name its :class:`FittedHead`
-    (scored on ``X[score_rows]``) or the exception its fit raised (a failing head fails alone;
-    a failing shared step fails the heads that share it). The heads of a group share their
-    fitted first step (one object: read it, do not refit it).
+    (to score each named row set of ``score_on``, each transformed on its own, as the head's
+    own ``decision_function(X[rows])`` would; an empty set has 0 rows to score and is not
+    transformed) or the exception its fit raised (a failing head
+    fails alone; a failing shared step fails the heads that share it). The heads of a group
+    share their fitted first step (one object: read it, do not refit it).
 
     ``watch(names)``, when given, is entered around each piece of work with the names of the
     heads it is for (one head's own fit; a shared step: all heads sharing it), e.g. to record
@@ -85,14 +88,14 @@ def fit_heads(heads: Mapping[Hashable, BaseEstimator], X: np.ndarray, y: np.ndar
     for (how, _), names in groups.items():
         if how == "alone":
             with watch(names):
-                out[names[0]] = _fit_whole(heads[names[0]], X, y, fit_rows, score_rows)
+                out[names[0]] = _fit_whole(heads[names[0]], X, y, fit_rows, score_on)
             continue
         t0 = time.perf_counter()
         try:
             with watch(names):
                 step = clone(heads[names[0]].steps[0][1])
                 X_fit = step.fit_transform(X[fit_rows], y[fit_rows])
-                X_score = step.transform(X[score_rows])
+                X_score = {key: _apply(step, X[rows]) for key, rows in score_on.items()}
         except Exception as exc:  # noqa: BLE001 - every head sharing the step fails with it
             out.update(dict.fromkeys(names, exc))
             continue
@@ -103,16 +106,22 @@ def fit_heads(heads: Mapping[Hashable, BaseEstimator], X: np.ndarray, y: np.ndar
     return out
 
 
-def _fit_whole(head: BaseEstimator, X, y, fit_rows, score_rows):
+def _apply(transformer, X: np.ndarray) -> np.ndarray:
+    """``transformer.transform(X)``; an empty row set stays as it is (scikit-learn refuses 0
+    rows, and there is nothing to score)."""
+    return transformer.transform(X) if len(X) else X
+
+
+def _fit_whole(head: BaseEstimator, X, y, fit_rows, score_on):
     t0 = time.perf_counter()
     try:
         model = clone(head).fit(X[fit_rows], y[fit_rows])
     except Exception as exc:  # noqa: BLE001 - this head fails alone
         return exc
-    return FittedHead(model, model, X[score_rows], time.perf_counter() - t0)
+    return FittedHead(model, model, {key: X[rows] for key, rows in score_on.items()}, time.perf_counter() - t0)
 
 
-def _fit_rest(head: Pipeline, step, X_fit: np.ndarray, y_fit: np.ndarray, X_score: np.ndarray, shared_s: float):
+def _fit_rest(head: Pipeline, step, X_fit: np.ndarray, y_fit: np.ndarray, X_score: dict, shared_s: float):
     """``head`` with ``step`` (fitted) as its first step and the others fitted on its output:
     what ``Pipeline.fit`` does after fitting the first step."""
     t0 = time.perf_counter()
@@ -122,7 +131,7 @@ def _fit_rest(head: Pipeline, step, X_fit: np.ndarray, y_fit: np.ndarray, X_scor
         rest = model[1:]  # the same step objects: fitting them fits the model's
         if len(rest.steps) > 1:
             X_fit = rest[:-1].fit_transform(X_fit, y_fit)
-            X_score = rest[:-1].transform(X_score)
+            X_score = {key: _apply(rest[:-1], Xs) for key, Xs in X_score.items()}
         final = rest.steps[-1][1]
         final.fit(X_fit, y_fit)
     except Exception as exc:  # noqa: BLE001 - this head fails alone

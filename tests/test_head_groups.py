@@ -32,9 +32,10 @@ def _alone(head, X, y, fit_rows, score_rows):
     return getattr(model, method)(X[score_rows]), model.predict(X[score_rows])
 
 
-def _together(fitted, head):
+def _together(fitted, head, name="score"):
     method = stack_method(head)
-    return getattr(fitted.final, method)(fitted.X_score), fitted.final.predict(fitted.X_score)
+    Xs = fitted.X_score[name]
+    return getattr(fitted.final, method)(Xs), fitted.final.predict(Xs)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -48,7 +49,7 @@ def test_every_registered_head_fitted_together_equals_alone(dtype):
     keys = {h: first_step_key(p) for h, p in heads.items()}
     assert keys["logreg"] == keys["linear-svm"] == keys["gaussian-nb"] == keys["svm-rbf"] is not None
     assert keys["multinomial-nb"] == keys["complement-nb"] is not None and keys["complement-nb"] != keys["logreg"]
-    got = fit_heads(heads, X, y, fit_rows, score_rows)
+    got = fit_heads(heads, X, y, fit_rows, {"score": score_rows})
     assert set(got) == set(heads)
     for h, head in heads.items():
         scores, labels = _alone(head, X, y, fit_rows, score_rows)
@@ -75,7 +76,7 @@ def test_shared_first_step_property(n, d, k, seed, wide):
     if len(np.unique(y[fit_rows])) < 2:
         return
     heads = {h: create_head(h, random_state=seed) for h in ("logreg", "linear-svm", "gaussian-nb", "svm-rbf")}
-    got = fit_heads(heads, X, y, fit_rows, score_rows)
+    got = fit_heads(heads, X, y, fit_rows, {"score": score_rows})
     for h, head in heads.items():
         scores, labels = _alone(head, X, y, fit_rows, score_rows)
         g_scores, g_labels = _together(got[h], head)
@@ -100,7 +101,7 @@ def test_a_failing_head_or_shared_step_fails_alone():
         "boom-2": make_pipeline(_Boom(), LogisticRegression(C=2.0)),
         "minmax": make_pipeline(MinMaxScaler(), LogisticRegression()),
     }
-    got = fit_heads(heads, X, y, rows, score)
+    got = fit_heads(heads, X, y, rows, {"score": score})
     assert isinstance(got["bad-final"], ValueError)
     assert isinstance(got["boom-1"], ValueError) and "boom" in str(got["boom-1"]) and got["boom-2"] is got["boom-1"]
     for h in ("ok", "minmax"):
@@ -123,22 +124,42 @@ def test_first_step_key_shares_only_steps_that_compute_the_same():
     assert first_step_key(create_head("logreg", tune=True)) is None  # a search: it fits its own pipelines
 
 
-def test_bench_with_heads_together_equals_heads_apart(tmp_path, monkeypatch):
-    """The bench's grouped base tasks (one per backbone and fold for the heads sharing a first
-    step) give every score of one task per head, and the same fit counts."""
+@pytest.mark.parametrize("stack_folds", ["nested", "shared"])
+def test_bench_with_heads_together_equals_heads_apart(tmp_path, monkeypatch, stack_folds):
+    """The bench's grouped tasks (per backbone and fold, or per shared fit, for the heads
+    sharing a first step) give every score of one task per head, and the same fit counts;
+    svm-rbf's pinned size choices ride along in the group."""
     cache = make_cache(tmp_path / "x.h5", dims=(5, 4, 3), n_classes=3, n_train=60, n_test=12)
-    grid = dict(heads=["logreg", "gaussian-nb", "linear-svm", "multinomial-nb"], fusions=["single", "vote", "stack"],
-                max_size=3, cv=3, n_jobs=1, progress=False)
-    assert bench._head_groups({h: create_head(h) for h in grid["heads"]}, 12, 1) == [
-        ("logreg", "gaussian-nb", "linear-svm"), ("multinomial-nb",)]
-    assert bench._head_groups({h: create_head(h) for h in grid["heads"]}, 12, 4) == [(h,) for h in grid["heads"]]
+    grid = dict(heads=["logreg", "gaussian-nb", "linear-svm", "multinomial-nb", "svm-rbf"],
+                fusions=["single", "vote", "stack"], max_size=3, cv=3, n_jobs=1, progress=False,
+                stack_folds=stack_folds)
+    protos = {h: create_head(h) for h in grid["heads"]}
+    assert bench._head_groups(protos, 12, 1) == [("logreg", "gaussian-nb", "linear-svm", "svm-rbf"), ("multinomial-nb",)]
+    assert bench._head_groups(protos, 12, 4) == [(h,) for h in grid["heads"]]
     together = run_bench(cache, **grid)
     monkeypatch.setattr(bench, "GROUP_TASKS_PER_WORKER", 10**6)
     apart = run_bench(cache, **grid)
     assert together.folds == apart.folds and together.n_base_fits == apart.n_base_fits
+    assert {r["status"] for r in together.rows} == {"ok"}
     strip = ("fit_seconds",)
     assert [{k: v for k, v in r.items() if k not in strip} for r in together.rows] == \
         [{k: v for k, v in r.items() if k not in strip} for r in apart.rows]
+
+
+def test_fit_heads_scores_each_named_row_set_as_its_own_call():
+    X, y = _data(150, 6, 3, seed=5)
+    fit_rows = np.arange(0, 150, 3)
+    score_on = {"a": np.arange(1, 150, 3), "b": np.arange(2, 150, 3)[:7], "empty": np.arange(0)}
+    heads = {h: create_head(h) for h in ("logreg", "gaussian-nb", "multinomial-nb")}
+    got = fit_heads(heads, X, y, fit_rows, score_on)
+    for h, head in heads.items():
+        assert set(got[h].X_score) == set(score_on)
+        for name, rows in score_on.items():
+            if not len(rows):
+                continue
+            scores, labels = _alone(head, X, y, fit_rows, rows)
+            g_scores, g_labels = _together(got[h], head, name)
+            assert np.array_equal(g_scores, scores) and np.array_equal(g_labels, labels), (h, name)
 
 
 class _Unconverged(LogisticRegression):
