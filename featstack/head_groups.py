@@ -34,8 +34,7 @@ def first_step_key(est: BaseEstimator) -> tuple | None:
     rows (so one fit can serve them all), or None when ``est``'s first step is not shared:
     not a pipeline of at least two steps, a first step that is not a transformer, parameters
     that are not plain values or tuples of them (estimators, arrays: equal-looking is not
-    equal), or an unseeded
-    ``random_state``."""
+    equal), or an unseeded ``random_state``."""
     if not isinstance(est, Pipeline) or len(est.steps) < 2:
         return None
     step = est.steps[0][1]
@@ -72,9 +71,9 @@ def fit_heads(heads: Mapping[Hashable, BaseEstimator], X: np.ndarray, y: np.ndar
     """Fit a clone of every head on ``X[fit_rows]``; per head name its :class:`FittedHead`
     (to score each named row set of ``score_on``, each transformed on its own, as the head's
     own ``decision_function(X[rows])`` would; an empty set has 0 rows to score and is not
-    transformed) or the exception its fit raised (a failing head
-    fails alone; a failing shared step fails the heads that share it). The heads of a group
-    share their fitted first step (one object: read it, do not refit it).
+    transformed) or the exception its fit raised (a failing head fails alone; a failing shared
+    step fails the heads that share it). The heads of a group share their fitted first step
+    (one object: read it, do not refit it).
 
     ``watch(names)``, when given, is entered around each piece of work with the names of the
     heads it is for (one head's own fit; a shared step: all heads sharing it), e.g. to record
