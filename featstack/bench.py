@@ -221,21 +221,32 @@ def _fold_name(fold: int) -> str:
 def _attempt(what: str, step, *args) -> dict:
     """``step(*args)`` (a dict) with the warnings it raised as data (``warnings``: distinct
     "Category: message" lines, reported once by the bench instead of once per fit on stderr),
-    or, when it raises, :func:`_failure` naming ``what``.
-
-    Warnings are captured only in a process's main thread (this process at n_jobs 1, a loky
-    worker): ``warnings.catch_warnings`` swaps process-wide state, which tasks running as
-    concurrent threads (threading backend, dask worker threads) would restore out of order."""
-    capture = threading.current_thread() is threading.main_thread()
-    with warnings.catch_warnings(record=True) if capture else contextlib.nullcontext([]) as caught:
-        if capture:
-            warnings.simplefilter("always")
+    or, when it raises, :func:`_failure` naming ``what``."""
+    with _recorded_warnings() as caught:
         try:
             out = step(*args)
         except Exception as e:  # noqa: BLE001 - recorded as the failed cells' error
             return _failure(what, e)
-    out["warnings"] = sorted(_warning_lines(caught))
+    out["warnings"] = sorted(caught)
     return out
+
+
+@contextlib.contextmanager
+def _recorded_warnings():
+    """Yield a set that, once the block ends, holds the warnings raised inside as distinct
+    "Category: message" lines.
+
+    Warnings are captured only in a process's main thread (this process at n_jobs 1, a loky
+    worker): ``warnings.catch_warnings`` swaps process-wide state, which tasks running as
+    concurrent threads (threading backend, dask worker threads) would restore out of order."""
+    lines: set[str] = set()
+    if threading.current_thread() is not threading.main_thread():
+        yield lines
+        return
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        yield lines
+    lines.update(f"{w.category.__name__}: {(str(w.message).splitlines() or [''])[0]}" for w in got)
 
 
 def _base_task(tags, src, y, train_idx, test_idx, protos, cv, random_state, need_oof, beats):
@@ -284,25 +295,19 @@ def _base_group(tags, X, y, train_idx, test_idx, protos, cv, random_state, need_
 
 class _HeadRuns:
     """The heads of one grouped task, each succeeding or failing alone: per head its warnings
-    (recorded only in a process's main thread, see :func:`_attempt`), its first error, and its
-    heartbeat, which hears of each of its fits."""
+    (:func:`_recorded_warnings`), its first error, and its heartbeat, which hears of each of
+    its fits."""
 
     def __init__(self, tags: list, beats: list):
         self.beat_of = dict(zip(tags, beats))
         self.caught = {tag: set() for tag in tags}
         self.failed: dict = {}
-        self.capture = threading.current_thread() is threading.main_thread()
 
     @contextlib.contextmanager
     def watch(self, names: list):
         """Record the warnings raised inside for each of ``names`` (``fit_heads``'s ``watch``)."""
-        if not self.capture:
+        with _recorded_warnings() as lines:
             yield
-            return
-        with warnings.catch_warnings(record=True) as got:
-            warnings.simplefilter("always")
-            yield
-        lines = _warning_lines(got)
         for name in names:
             self.caught[name].update(lines)
 
@@ -345,10 +350,6 @@ def _head_groups(protos: dict, n_slots: int, workers: int) -> list[tuple[str, ..
         key = first_step_key(proto)
         groups.setdefault(h if key is None else key, []).append(h)
     return [tuple(hs) for hs in groups.values()]
-
-
-def _warning_lines(caught) -> set[str]:
-    return {f"{w.category.__name__}: {(str(w.message).splitlines() or [''])[0]}" for w in caught}
 
 
 def _labels(est, method: str, scores: np.ndarray, X: np.ndarray) -> np.ndarray:
